@@ -1,0 +1,53 @@
+"""Per-round metrics: one JSON line per round in `<run>/metrics.jsonl`, and a progress line.
+
+The file is appended and flushed to disk every round, so a crash loses at most the round
+in flight; `plot` and `submit` read it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one round's record and force it to disk."""
+    with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All round records of a run, in file order."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+    """`2h13m`, `4m05s`, `12s`: short enough for a progress line."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def progress_line(
+    server_round: int, num_rounds: int, loss: float | None, cumulative_mb: float, budget_mb: float, eta_seconds: float
+) -> str:
+    """`round 37/200 · loss 0.412 · comm 18,210 MB / 200,000 · ETA 2h13m`."""
+    loss_text = "n/a" if loss is None else f"{loss:.3f}"
+    return (
+        f"round {server_round}/{num_rounds} · loss {loss_text} · "
+        f"comm {cumulative_mb:,.0f} MB / {budget_mb:,.0f} · ETA {format_duration(eta_seconds)}"
+    )

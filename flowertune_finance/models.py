@@ -1,0 +1,155 @@
+"""The base model (quantized or not) with its LoRA adapter, the per-worker cache, the LR schedule.
+
+Loading and quantizing a 7B model takes tens of seconds, about as long as a client's ten
+training steps, so a worker process builds the base model + LoRA wrapper once and every
+later client call only swaps in the adapter weights it received (`cached_peft_model`).
+The server never needs the base weights: `initial_adapter` builds the adapter from the
+model's config on the meta device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from flowertune_finance.config import ModelConfig
+
+ADAPTER_NAME = "default"
+
+
+def cosine_annealing(current_round: int, total_round: int, lrate_max: float, lrate_min: float) -> float:
+    """Learning rate of a round: cosine from `lrate_max` (round 0) to `lrate_min` (last round)."""
+    cos_inner = math.pi * current_round / total_round
+    return lrate_min + 0.5 * (lrate_max - lrate_min) * (1 + math.cos(cos_inner))
+
+
+def use_cuda() -> bool:
+    """Train on the GPU (bf16) when there is one, else on the CPU in fp32."""
+    return torch.cuda.is_available()
+
+
+def lora_config(model_config: ModelConfig) -> LoraConfig:
+    """LoRA on PEFT's default target modules for the architecture, as upstream."""
+    return LoraConfig(
+        r=model_config.lora_r,
+        lora_alpha=model_config.lora_alpha,
+        lora_dropout=model_config.lora_dropout,
+        task_type="CAUSAL_LM",
+    )
+
+
+def quantization_config(bits: int):
+    """bitsandbytes settings for 4-bit (NF4-free default, as upstream) or 8-bit; None for 0."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        compute_dtype = torch.bfloat16 if use_cuda() else torch.float32
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits == 0:
+        return None
+    raise ValueError(f"model.quantization = {bits!r} is not supported; allowed: 0, 4, 8")
+
+
+def load_base_model(model_config: ModelConfig):
+    """The base causal LM, quantized as configured, on the GPU if there is one."""
+    from transformers import AutoModelForCausalLM
+
+    quantization = quantization_config(model_config.quantization)
+    cuda = use_cuda()
+    return AutoModelForCausalLM.from_pretrained(
+        model_config.name,
+        quantization_config=quantization,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        device_map={"": 0} if cuda else None,
+    )
+
+
+def build_peft_model(model_config: ModelConfig) -> PeftModel:
+    """Base model prepared for (k-bit) training and wrapped with a fresh LoRA adapter."""
+    from peft import prepare_model_for_kbit_training
+
+    model = load_base_model(model_config)
+    if model_config.quantization:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=model_config.gradient_checkpointing
+        )
+    elif model_config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(model_config))
+
+
+# Per-worker cache, keyed by everything that changes the model (the ModelConfig is frozen
+# and hashable). Each call overwrites the adapter weights, so nothing trained by one client
+# call survives into the next. `BASE_MODEL_LOADS` counts builds for tests and benchmarks.
+_PEFT_MODELS: "OrderedDict[ModelConfig, PeftModel]" = OrderedDict()
+BASE_MODEL_LOADS = 0
+
+
+def cached_peft_model(model_config: ModelConfig) -> PeftModel:
+    """The worker's PEFT model for this config, built on first use (one kept at a time)."""
+    global BASE_MODEL_LOADS
+    if model_config not in _PEFT_MODELS:
+        _PEFT_MODELS.clear()  # a different config replaces the old model rather than doubling memory
+        _PEFT_MODELS[model_config] = build_peft_model(model_config)
+        BASE_MODEL_LOADS += 1
+    return _PEFT_MODELS[model_config]
+
+
+def clear_model_cache() -> None:
+    """Drop the cached model (tests use this to emulate a fresh worker)."""
+    _PEFT_MODELS.clear()
+
+
+def get_adapter_state(model: PeftModel, dtype: torch.dtype = torch.float32) -> "OrderedDict[str, torch.Tensor]":
+    """The adapter weights as CPU tensors of `dtype`, keyed as PEFT saves them.
+
+    Converting here also undoes the bf16 cast SFTTrainer applies to LoRA weights of a
+    quantized model (Flower's ArrayRecord rejects bf16).
+    """
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    return OrderedDict((key, value.detach().to("cpu", dtype).contiguous()) for key, value in state.items())
+
+
+def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights; every key the model expects must be present."""
+    expected = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter weights do not match the model: {len(missing)} missing (e.g. {missing[:1]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}); check model.name and the LoRA settings"
+        )
+    set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+
+
+def initial_adapter(model_config: ModelConfig, seed: int = 0) -> tuple["OrderedDict[str, torch.Tensor]", LoraConfig]:
+    """Fresh LoRA weights and the resolved LoraConfig, without loading the base weights.
+
+    The base model is instantiated from its config on the meta device (no memory, no
+    download of weights); only the LoRA matrices are materialised and initialised by PEFT
+    itself (A: Kaiming-uniform, B: zeros). The keys and shapes equal those of the
+    quantized model the clients train, since LoRA wraps the same linear layers.
+    """
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_config.name)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(base, lora_config(model_config))
+    torch.manual_seed(seed)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.lora_A.to_empty(device="cpu")
+            module.lora_B.to_empty(device="cpu")
+            module.reset_lora_parameters(ADAPTER_NAME, init_lora_weights=True)
+    resolved = peft_model.peft_config[ADAPTER_NAME]
+    resolved.base_model_name_or_path = model_config.name
+    return get_adapter_state(peft_model), resolved

@@ -1,0 +1,170 @@
+"""ServerApp: validate the config, start or resume a run, FedAvg over LoRA adapters, save checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from peft import LoraConfig
+
+from flowertune_finance.checkpoint import (
+    CheckpointError,
+    create_run_dir,
+    latest_checkpoint,
+    load_adapter,
+    save_checkpoint,
+    write_run_config,
+)
+from flowertune_finance.config import AppConfig, check_local_paths, parse_run_config
+from flowertune_finance.dataset import validate_data_file
+from flowertune_finance.metrics import METRICS_FILE, append_metrics, progress_line
+from flowertune_finance.models import cosine_annealing, initial_adapter
+from flowertune_finance.strategy import COMMUNICATION_BUDGET_MB, FlowerTuneMixin, build_strategy
+
+app = ServerApp()
+
+
+@dataclass
+class RunSetup:
+    """Where a run writes, and where it starts from (round 0, or the resumed checkpoint)."""
+
+    run_dir: Path
+    start_round: int
+    adapter: dict[str, torch.Tensor]
+    lora: LoraConfig
+    communication_mb: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
+    """A fresh run folder with a new adapter, or the resumed run's folder and newest checkpoint."""
+    adapter, lora = initial_adapter(config.model)
+    if not config.resume_from:
+        run_dir = create_run_dir(config.output_dir)
+        write_run_config(run_dir, run_config)
+        return RunSetup(run_dir=run_dir, start_round=0, adapter=adapter, lora=lora)
+
+    checkpoint = latest_checkpoint(config.resume_from)
+    saved = checkpoint.state.get("settings", {})
+    current = json.loads(json.dumps(config.defining_settings()))
+    if saved != current:
+        changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        raise CheckpointError(
+            f"cannot resume {config.resume_from!r}: settings that define the run differ from the checkpoint's "
+            f"({', '.join(changed)}); saved {json.dumps({k: saved.get(k) for k in changed})}, "
+            f"now {json.dumps({k: current.get(k) for k in changed})}"
+        )
+    if checkpoint.round >= config.num_server_rounds:
+        raise CheckpointError(
+            f"cannot resume {config.resume_from!r}: its newest checkpoint is round {checkpoint.round} "
+            f"of {config.num_server_rounds}, the run is already complete"
+        )
+    resumed = load_adapter(checkpoint.path)
+    if set(resumed) != set(adapter) or any(resumed[k].shape != adapter[k].shape for k in adapter):
+        raise CheckpointError(f"checkpoint {checkpoint.path} does not fit model {config.model.name!r} with this LoRA")
+    run_dir = checkpoint.path.parent.resolve()
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.exists():  # keep the crashed run's lines, restart the file from the checkpoint's history
+        metrics_path.rename(run_dir / f"metrics.before-resume-{datetime.now():%Y-%m-%d_%H-%M-%S}.jsonl")
+    history = checkpoint.state.get("history", [])
+    for record in history:
+        append_metrics(run_dir, record)
+    log(INFO, "Resuming %s from %s (round %s)", run_dir, checkpoint.path.name, checkpoint.round)
+    return RunSetup(
+        run_dir=run_dir,
+        start_round=checkpoint.round,
+        adapter=resumed,
+        lora=lora,
+        communication_mb=float(checkpoint.state.get("communication_mb", 0.0)),
+        history=history,
+    )
+
+
+class RoundRecorder:
+    """Called by the strategy after every round: metrics line, progress, checkpoint."""
+
+    def __init__(self, config: AppConfig, run: RunSetup, strategy: FlowerTuneMixin) -> None:
+        self.config = config
+        self.run = run
+        self.strategy = strategy
+        self.started = time.time()
+
+    def __call__(self, current_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = current_round + self.run.start_round
+        if server_round == self.run.start_round:
+            return None  # Flower's call before the first round: nothing trained yet
+        record = self.round_record(server_round)
+        append_metrics(self.run.run_dir, record)
+        self.run.history.append(record)
+        done = server_round - self.run.start_round
+        remaining = self.config.num_server_rounds - server_round
+        eta = (time.time() - self.started) / done * remaining
+        log(INFO, progress_line(
+            server_round, self.config.num_server_rounds, record["train_loss"], record["cumulative_mb"],
+            COMMUNICATION_BUDGET_MB, eta,
+        ))
+        if server_round % self.config.train.save_every_round == 0 or server_round == self.config.num_server_rounds:
+            self.save(server_round, arrays)
+        return None
+
+    def round_record(self, server_round: int) -> dict[str, Any]:
+        stats = self.strategy.rounds[server_round]
+        train = dict(stats.train_metrics or {})
+        return {
+            "round": server_round,
+            "wall_time_s": round(time.time() - stats.started, 3),
+            "train_loss": train.get("train_loss"),
+            "learning_rate": cosine_annealing(
+                server_round, self.config.num_server_rounds,
+                self.config.train.learning_rate_max, self.config.train.learning_rate_min,
+            ),
+            "clients_sampled": stats.sampled,
+            "clients_replied": stats.replied,
+            "clients_failed": stats.failed,
+            "clients_rejected": stats.rejected,
+            "clients_accepted": stats.accepted,
+            "mb_sent": stats.mb_sent,
+            "mb_received": stats.mb_received,
+            "cumulative_mb": stats.cumulative_mb,
+        }
+
+    def save(self, server_round: int, arrays: ArrayRecord) -> None:
+        adapter = {key: tensor.float() for key, tensor in arrays.to_torch_state_dict().items()}
+        state = {
+            "num_server_rounds": self.config.num_server_rounds,
+            "settings": self.config.defining_settings(),
+            "fingerprint": self.config.fingerprint(),
+            "communication_mb": self.strategy.communication_mb,
+            "history": self.run.history,
+        }
+        path = save_checkpoint(self.run.run_dir, server_round, adapter, self.run.lora, state)
+        log(INFO, "Saved checkpoint %s", path)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) the federated fine-tuning described by the run config."""
+    config = parse_run_config(context.run_config)
+    check_local_paths(config)
+    if config.dataset_path:
+        validate_data_file(config.dataset_path)
+    run = prepare_run(config, dict(context.run_config))
+    log(INFO, "Run folder: %s", run.run_dir)
+    strategy = build_strategy(config.strategy, run.start_round, run.communication_mb)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(run.adapter),
+        num_rounds=config.num_server_rounds - run.start_round,
+        train_config=ConfigRecord({"num-server-rounds": config.num_server_rounds}),
+        evaluate_fn=RoundRecorder(config, run, strategy),
+    )
+    log(INFO, "Run finished; checkpoints in %s", run.run_dir)

@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny model built once, and an isolated Flower SuperLink for end-to-end runs.
+
+Every end-to-end test goes through the real `flwr run` (see `flowertune_finance.launch`).
+The session gets its own FLWR_HOME and free ports, so it neither reuses nor disturbs a
+SuperLink the developer has running, and every process started under that FLWR_HOME
+(SuperLink, SuperExec, simulation, Ray workers) is killed when the session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowertune_finance import launch
+from flowertune_finance.tiny import build_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs whose environment holds `name=value` (how we find what a test's SuperLink spawned)."""
+    needle = f"{name}={value}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_processes_with_env(name: str, value: str, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds, every process carrying `name=value`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = processes_with_env(name, value)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while pids and time.time() < deadline and processes_with_env(name, value):
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Mistral + tokenizer folder, built once per test session."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-mistral"))
+
+
+@pytest.fixture(scope="session")
+def flwr_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment for `flwr`: private FLWR_HOME and ports; everything it started is killed at the end."""
+    home = str(tmp_path_factory.mktemp("flwr-home"))
+    env = {
+        "FLWR_HOME": home,
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    yield env
+    kill_processes_with_env("FLWR_HOME", home)
+
+
+def smoke_config(tiny_model: Path, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """The README's smoke run config, with results under `output_dir` and any overrides."""
+    config = launch.smoke_run_config(REPO_ROOT, tiny_model)
+    config["output.dir"] = str(output_dir)
+    config.update(overrides)
+    return config
+
+
+def run_dirs(output_dir: Path) -> list[Path]:
+    """Run folders created under an `output.dir`, oldest first."""
+    return sorted(p for p in output_dir.iterdir() if p.is_dir()) if output_dir.is_dir() else []
+
+
+@pytest.fixture
+def run_smoke(tiny_model: Path, flwr_env: dict[str, str], tmp_path: Path):
+    """Run the app through `flwr run` with the smoke config (plus overrides); return (result, run folder)."""
+
+    def run(num_supernodes: int = launch.NUM_SUPERNODES, timeout: float = 600, **overrides: Any):
+        output_dir = tmp_path / "results"
+        config = smoke_config(tiny_model, output_dir, **overrides)
+        before = set(run_dirs(output_dir))
+        result = launch.run_app(REPO_ROOT, config, num_supernodes=num_supernodes, env=flwr_env, timeout=timeout)
+        created = [p for p in run_dirs(output_dir) if p not in before]
+        run_dir = created[-1] if created else Path(config.get("resume.from", ""))
+        return result, run_dir
+
+    return run
