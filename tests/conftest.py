@@ -94,17 +94,31 @@ def run_dirs(output_dir: Path) -> list[Path]:
     return sorted(p for p in output_dir.iterdir() if p.is_dir()) if output_dir.is_dir() else []
 
 
+def _run(tiny_model: Path, env: dict[str, str], output_dir: Path, num_supernodes: int, timeout: float, **overrides: Any):
+    config = smoke_config(tiny_model, output_dir, **overrides)
+    before = set(run_dirs(output_dir))
+    result = launch.run_app(REPO_ROOT, config, num_supernodes=num_supernodes, env=env, timeout=timeout)
+    created = [p for p in run_dirs(output_dir) if p not in before]
+    run_dir = created[-1] if created else Path(config.get("resume.from", ""))
+    return result, run_dir
+
+
 @pytest.fixture
 def run_smoke(tiny_model: Path, flwr_env: dict[str, str], tmp_path: Path):
     """Run the app through `flwr run` with the smoke config (plus overrides); return (result, run folder)."""
 
     def run(num_supernodes: int = launch.NUM_SUPERNODES, timeout: float = 600, **overrides: Any):
-        output_dir = tmp_path / "results"
-        config = smoke_config(tiny_model, output_dir, **overrides)
-        before = set(run_dirs(output_dir))
-        result = launch.run_app(REPO_ROOT, config, num_supernodes=num_supernodes, env=flwr_env, timeout=timeout)
-        created = [p for p in run_dirs(output_dir) if p not in before]
-        run_dir = created[-1] if created else Path(config.get("resume.from", ""))
-        return result, run_dir
+        return _run(tiny_model, flwr_env, tmp_path / "results", num_supernodes, timeout, **overrides)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tiny_model: Path, flwr_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """The README's smoke run (50 SuperNodes, 3 rounds), run once per session and shared read-only.
+
+    Tests that only inspect a finished run (checkpoints, metrics, evaluation, plots,
+    submission) use this instead of paying for a run of their own. Do not modify its folder:
+    copy it first.
+    """
+    return _run(tiny_model, flwr_env, tmp_path_factory.mktemp("smoke") / "results", launch.NUM_SUPERNODES, 600)

@@ -22,8 +22,8 @@ def _load_checkpoint(tiny_model, checkpoint):
     return PeftModel.from_pretrained(base, checkpoint)
 
 
-def test_smoke_run_50_supernodes_writes_loadable_peft_3(run_smoke, tiny_model):
-    result, run_dir = run_smoke()
+def test_smoke_run_50_supernodes_writes_loadable_peft_3(smoke_run, tiny_model):
+    result, run_dir = smoke_run
     assert result.status == "finished:completed"
     checkpoint = run_dir / "peft_3"
     assert (checkpoint / "adapter_config.json").is_file()
