@@ -136,6 +136,43 @@ def latest_checkpoint(run_dir: str | Path) -> Checkpoint:
     raise CheckpointError(f"resume.from = {str(run_dir)!r} has no complete checkpoint: {detail}")
 
 
+def resume_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """The checkpoint a resumed run continues from: the newest one, which must be complete
+    and belong to the same run as the folder's other checkpoints.
+
+    Unlike `latest_checkpoint`, a broken newest checkpoint is an error rather than skipped:
+    the resumed run would otherwise reach that round and find the name taken, hours later.
+    """
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise CheckpointError(f"resume.from = {str(run_dir)!r}: no such run folder")
+    candidates = sorted(
+        (int(m.group(1)), child) for child in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(child.name))
+    )
+    if not candidates:
+        raise CheckpointError(
+            f"resume.from = {str(run_dir)!r} has no complete checkpoint: it holds no peft_<round> folder"
+        )
+    try:
+        newest = read_checkpoint(candidates[-1][1])
+    except CheckpointError as error:
+        older = [path.name for _, path in candidates[:-1]]
+        hint = f"move it out of the run folder to resume from {older[-1]}" if older else "no older checkpoint exists"
+        raise CheckpointError(f"resume.from = {str(run_dir)!r}: {error}; {hint}") from error
+    run_uid = newest.state.get("run_uid")
+    for _, path in candidates[:-1]:
+        try:
+            other = json.loads((path / RUN_STATE).read_text()).get("run_uid")
+        except (OSError, ValueError):
+            continue  # an older broken checkpoint does not matter for the resume
+        if other != run_uid:
+            raise CheckpointError(
+                f"resume.from = {str(run_dir)!r}: {newest.path.name} belongs to run {run_uid!r} but {path.name} "
+                f"to run {other!r}; a run folder must hold the checkpoints of one run only"
+            )
+    return newest
+
+
 def write_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
     """Keep the run config next to the checkpoints (for `submit` and for humans)."""
     path = run_dir / RUN_CONFIG

@@ -54,6 +54,9 @@ class TrainConfig:
     seq_length: int = 512
     prompt_format: str = "alpaca"
     transport_dtype: str = "float32"
+    # Keep the base model + LoRA wrapper in the worker between client calls; False rebuilds
+    # it every call like the upstream template (for before/after benchmarks; same results).
+    cache_base_model: bool = True
     training_arguments: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,9 +81,19 @@ class StrategyConfig:
     name: str = "fedavg"
     fraction_train: float = 0.1
     fraction_evaluate: float = 0.0
+    # FedProx: weight of the proximal term mu/2 * ||w - w_global||^2 the clients add to their loss.
     proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
-    server_momentum: float = 0.9
+    # FedAvgM: server step on the averaged update (1.0 = take it whole) and its momentum.
+    fedavgm_server_learning_rate: float = 1.0
+    fedavgm_server_momentum: float = 0.9
+    # FedAdam: Adam on the server with the averaged update as pseudo-gradient. Its step per
+    # element is about eta whatever the update's size, so eta must be of the order of a
+    # client's own per-round LoRA change (not Flower's 0.1, which would wreck an adapter);
+    # tau damps elements that barely move.
+    fedadam_eta: float = 1e-3
+    fedadam_beta_1: float = 0.9
+    fedadam_beta_2: float = 0.99
+    fedadam_tau: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -154,12 +167,19 @@ _KEYS: dict[str, tuple[str, str, type, _Check, str]] = {
     "train.seq-length": ("train", "seq_length", int, _positive, "an integer > 0"),
     "train.prompt-format": ("train", "prompt_format", str, PROMPT_FORMATS.__contains__, " or ".join(PROMPT_FORMATS)),
     "train.transport-dtype": ("train", "transport_dtype", str, TRANSPORT_DTYPES.__contains__, " or ".join(TRANSPORT_DTYPES)),
+    "train.cache-base-model": ("train", "cache_base_model", bool, None, "true or false"),
     "strategy.name": ("strategy", "name", str, STRATEGIES.__contains__, ", ".join(STRATEGIES)),
     "strategy.fraction-train": ("strategy", "fraction_train", float, _fraction, "0 < fraction <= 1"),
     "strategy.fraction-evaluate": ("strategy", "fraction_evaluate", float, _fraction_or_zero, "0 <= fraction <= 1"),
     "strategy.proximal-mu": ("strategy", "proximal_mu", float, _non_negative, "a number >= 0"),
-    "strategy.server-learning-rate": ("strategy", "server_learning_rate", float, _positive, "a number > 0"),
-    "strategy.server-momentum": ("strategy", "server_momentum", float, lambda v: 0 <= v < 1, "0 <= momentum < 1"),
+    "strategy.fedavgm.server-learning-rate": (
+        "strategy", "fedavgm_server_learning_rate", float, _positive, "a number > 0"),
+    "strategy.fedavgm.server-momentum": (
+        "strategy", "fedavgm_server_momentum", float, lambda v: 0 <= v < 1, "0 <= momentum < 1"),
+    "strategy.fedadam.eta": ("strategy", "fedadam_eta", float, _positive, "a number > 0"),
+    "strategy.fedadam.beta-1": ("strategy", "fedadam_beta_1", float, lambda v: 0 <= v < 1, "0 <= beta < 1"),
+    "strategy.fedadam.beta-2": ("strategy", "fedadam_beta_2", float, lambda v: 0 <= v < 1, "0 <= beta < 1"),
+    "strategy.fedadam.tau": ("strategy", "fedadam_tau", float, _positive, "a number > 0"),
     "eval.every-rounds": ("eval", "every_rounds", int, _non_negative, "0 (off) or an integer >= 1"),
     "eval.num-examples": ("eval", "num_examples", int, _positive, "an integer >= 1"),
     "eval.data-dir": ("eval", "data_dir", str, None, "a folder of save_to_disk data sets, or empty"),
@@ -248,11 +268,12 @@ def parse_run_config(run_config: Mapping[str, Any]) -> AppConfig:
     )
 
 
-def check_local_paths(config: AppConfig) -> None:
+def check_local_paths(config: AppConfig, on_server: bool = True) -> None:
     """Fail early when a path-like setting points at nothing.
 
     `model.name` counts as local when it looks like a path (absolute, or starting with
     `.`/`~`) or when the folder exists; otherwise it is a hub id and is left alone.
+    `eval.data-dir` is only read by the ServerApp, so a ClientApp (`on_server=False`) skips it.
     """
     name = config.model.name
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
@@ -262,5 +283,5 @@ def check_local_paths(config: AppConfig) -> None:
             f"run config 'dataset.path' = {config.dataset_path!r}: no such file "
             "(allowed: a local .json, .jsonl or .parquet file in the fingpt schema, or empty)"
         )
-    if config.eval.data_dir and not Path(config.eval.data_dir).expanduser().is_dir():
+    if on_server and config.eval.data_dir and not Path(config.eval.data_dir).expanduser().is_dir():
         raise ConfigError(f"run config 'eval.data-dir' = {config.eval.data_dir!r}: no such folder")

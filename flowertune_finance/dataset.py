@@ -69,12 +69,13 @@ def bad_rows(dataset: Dataset) -> list[int]:
     ]
 
 
-def validate_data_file(path: str | Path) -> int:
+def validate_data_file(path: str | Path, setting: str = "run config 'dataset.path'") -> int:
     """Check a local data file before any training: it exists, parses, has the fingpt columns
-    and no blank instruction/output. Returns the number of rows."""
+    and no blank instruction/output. Returns the number of rows. `setting` names where the
+    path came from, for the error message."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist (set by 'dataset.path')")
+        raise DataError(f"data file {str(path)!r} does not exist (set by {setting})")
     try:
         dataset = Dataset.from_json(str(path)) if _builder(path) == "json" else Dataset.from_parquet(str(path))
     except DataError:

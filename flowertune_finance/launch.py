@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,66 @@ def flwr_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a private SuperLink)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs whose environment holds `name=value` (how we find what a private SuperLink spawned)."""
+    needle = f"{name}={value}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_processes_with_env(name: str, value: str, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds, every process carrying `name=value`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = processes_with_env(name, value)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while pids and time.time() < deadline and processes_with_env(name, value):
+            time.sleep(0.1)
+
+
+def private_flwr_env(home: str | Path) -> dict[str, str]:
+    """Environment for `flwr` with its own FLWR_HOME and free ports, so it neither reuses nor
+    disturbs another SuperLink; stop what it started with `kill_processes_with_env("FLWR_HOME", home)`."""
+    return {
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+@contextmanager
+def isolated_flwr() -> Iterator[dict[str, str]]:
+    """A private FLWR_HOME + ports for the duration of the block; every process started under
+    it (SuperLink, SuperExec, simulation, Ray workers) is killed on exit."""
+    with tempfile.TemporaryDirectory(prefix="flwr-home-", ignore_cleanup_errors=True) as home:
+        try:
+            yield private_flwr_env(home)
+        finally:
+            kill_processes_with_env("FLWR_HOME", home)
+
+
 def write_run_config(run_config: Mapping[str, Any], path: Path) -> Path:
     """A TOML file for `flwr run --run-config FILE` (dotted keys quoted, as flwr expects)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,9 +143,12 @@ def run_app(
     timeout: float = 900,
     stream: bool = True,
     connection: str | None = None,
+    client_resources: Mapping[str, float] | None = None,
 ) -> RunResult:
     """Submit the app with `flwr run`, stream its log, and return its final status.
 
+    `client_resources` (simulation only), e.g. `{"num-cpus": 4, "num-gpus": 1}`: what each
+    ClientApp gets; Ray hides the GPU from clients that ask for none.
     Raises RunFailed when the run cannot be submitted, fails, or exceeds `timeout` seconds.
     """
     app_dir = Path(app_dir).resolve()
@@ -91,7 +158,8 @@ def run_app(
     command = [flwr, "run", str(app_dir)] + ([connection] if connection else [])
     command += ["--run-config", str(config_file), "--format", "json"]
     if connection is None:
-        command += ["--federation-config", f"num-supernodes={num_supernodes}"]
+        resources = [f"client-resources-{name}={value}" for name, value in (client_resources or {}).items()]
+        command += ["--federation-config", " ".join([f"num-supernodes={num_supernodes}", *resources])]
     started = time.time()
     submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     config_file.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -73,7 +75,9 @@ def build_peft_model(model_config: ModelConfig) -> PeftModel:
     """Base model prepared for (k-bit) training and wrapped with a fresh LoRA adapter."""
     from peft import prepare_model_for_kbit_training
 
+    global BASE_MODEL_LOADS
     model = load_base_model(model_config)
+    BASE_MODEL_LOADS += 1
     if model_config.quantization:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=model_config.gradient_checkpointing
@@ -86,19 +90,39 @@ def build_peft_model(model_config: ModelConfig) -> PeftModel:
 
 # Per-worker cache, keyed by everything that changes the model (the ModelConfig is frozen
 # and hashable). Each call overwrites the adapter weights, so nothing trained by one client
-# call survives into the next. `BASE_MODEL_LOADS` counts builds for tests and benchmarks.
+# call survives into the next. `BASE_MODEL_LOADS` counts base-model loads in this process
+# (cached or not) for tests and benchmarks.
 _PEFT_MODELS: "OrderedDict[ModelConfig, PeftModel]" = OrderedDict()
 BASE_MODEL_LOADS = 0
 
 
 def cached_peft_model(model_config: ModelConfig) -> PeftModel:
     """The worker's PEFT model for this config, built on first use (one kept at a time)."""
-    global BASE_MODEL_LOADS
     if model_config not in _PEFT_MODELS:
         _PEFT_MODELS.clear()  # a different config replaces the old model rather than doubling memory
         _PEFT_MODELS[model_config] = build_peft_model(model_config)
-        BASE_MODEL_LOADS += 1
     return _PEFT_MODELS[model_config]
+
+
+@contextmanager
+def trainer_call(model: PeftModel) -> Iterator[PeftModel]:
+    """Remove the forward hooks a Trainer adds to a model it trains, so a cached model starts
+    every call like a freshly built one.
+
+    Each TRL/Transformers trainer registers new input-grad hooks for gradient checkpointing
+    (one set per trainer, never removed); on a cached model they would pile up over hundreds
+    of rounds. Nothing else needs undoing: the adapter is overwritten each call, every trainer
+    makes a new optimizer and reseeds, and accelerate marks the model as prepared, so its
+    mixed-precision wrapper is applied once, as for a fresh model.
+    """
+    hooks_before = {name: set(module._forward_hooks) for name, module in model.named_modules()}
+    try:
+        yield model
+    finally:
+        for name, module in model.named_modules():
+            for hook_id in set(module._forward_hooks) - hooks_before.get(name, set()):
+                for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+                    hooks.pop(hook_id, None)
 
 
 def clear_model_cache() -> None:
@@ -110,10 +134,11 @@ def get_adapter_state(model: PeftModel, dtype: torch.dtype = torch.float32) -> "
     """The adapter weights as CPU tensors of `dtype`, keyed as PEFT saves them.
 
     Converting here also undoes the bf16 cast SFTTrainer applies to LoRA weights of a
-    quantized model (Flower's ArrayRecord rejects bf16).
+    quantized model (Flower's ArrayRecord rejects bf16). Always copies: a cached model's
+    weights are overwritten by the next client call.
     """
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-    return OrderedDict((key, value.detach().to("cpu", dtype).contiguous()) for key, value in state.items())
+    return OrderedDict((key, value.detach().to("cpu", dtype, copy=True)) for key, value in state.items())
 
 
 def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:

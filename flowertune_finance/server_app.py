@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +21,24 @@ from peft import LoraConfig
 from flowertune_finance.checkpoint import (
     CheckpointError,
     create_run_dir,
-    latest_checkpoint,
     load_adapter,
+    resume_checkpoint,
     save_checkpoint,
     write_run_config,
 )
 from flowertune_finance.config import AppConfig, check_local_paths, parse_run_config
 from flowertune_finance.dataset import validate_data_file
 from flowertune_finance.metrics import METRICS_FILE, append_metrics, progress_line
+from flowertune_finance import models
 from flowertune_finance.models import cosine_annealing, initial_adapter
+from flowertune_finance.plots import plot_run
+from flowertune_finance.server_eval import ServerEvaluator
 from flowertune_finance.strategy import COMMUNICATION_BUDGET_MB, FlowerTuneMixin, build_strategy
 
 app = ServerApp()
+
+CLIENT_PHASES = ("model", "data", "setup", "train", "steps", "serialize")  # clients' `time-*`; steps within train
+ETA_WINDOW_ROUNDS = 10  # the ETA averages this many recent rounds, so start-up cost fades out
 
 
 @dataclass
@@ -43,6 +51,7 @@ class RunSetup:
     lora: LoraConfig
     communication_mb: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    run_uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # tells one run's checkpoints from another's
 
 
 def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
@@ -53,7 +62,7 @@ def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
         write_run_config(run_dir, run_config)
         return RunSetup(run_dir=run_dir, start_round=0, adapter=adapter, lora=lora)
 
-    checkpoint = latest_checkpoint(config.resume_from)
+    checkpoint = resume_checkpoint(config.resume_from)
     saved = checkpoint.state.get("settings", {})
     current = json.loads(json.dumps(config.defining_settings()))
     if saved != current:
@@ -74,7 +83,13 @@ def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
     run_dir = checkpoint.path.parent.resolve()
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.exists():  # keep the crashed run's lines, restart the file from the checkpoint's history
-        metrics_path.rename(run_dir / f"metrics.before-resume-{datetime.now():%Y-%m-%d_%H-%M-%S}.jsonl")
+        stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+        kept = run_dir / f"metrics.before-resume-{stamp}.jsonl"
+        for attempt in range(1, 1000):  # two resumes within a second must not replace each other's file
+            if not kept.exists():
+                break
+            kept = run_dir / f"metrics.before-resume-{stamp}-{attempt}.jsonl"
+        metrics_path.rename(kept)
     history = checkpoint.state.get("history", [])
     for record in history:
         append_metrics(run_dir, record)
@@ -86,35 +101,55 @@ def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
         lora=lora,
         communication_mb=float(checkpoint.state.get("communication_mb", 0.0)),
         history=history,
+        run_uid=checkpoint.state.get("run_uid") or uuid.uuid4().hex,
     )
 
 
 class RoundRecorder:
     """Called by the strategy after every round: metrics line, progress, checkpoint."""
 
-    def __init__(self, config: AppConfig, run: RunSetup, strategy: FlowerTuneMixin) -> None:
+    def __init__(
+        self, config: AppConfig, run: RunSetup, strategy: FlowerTuneMixin, evaluator: ServerEvaluator | None = None
+    ) -> None:
         self.config = config
         self.run = run
         self.strategy = strategy
+        self.evaluator = evaluator
         self.started = time.time()
+        self.elapsed_before = float(run.history[-1].get("elapsed_s", 0.0)) if run.history else 0.0
+        self.round_ends = [self.started]
 
     def __call__(self, current_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = current_round + self.run.start_round
         if server_round == self.run.start_round:
             return None  # Flower's call before the first round: nothing trained yet
+        self.round_ends.append(time.time())
         record = self.round_record(server_round)
+        if self.evaluator is not None and self.evaluator.due(server_round):
+            record.update(self.evaluate(arrays))
         append_metrics(self.run.run_dir, record)
         self.run.history.append(record)
-        done = server_round - self.run.start_round
-        remaining = self.config.num_server_rounds - server_round
-        eta = (time.time() - self.started) / done * remaining
         log(INFO, progress_line(
             server_round, self.config.num_server_rounds, record["train_loss"], record["cumulative_mb"],
-            COMMUNICATION_BUDGET_MB, eta,
+            COMMUNICATION_BUDGET_MB, self.eta_seconds(server_round),
         ))
         if server_round % self.config.train.save_every_round == 0 or server_round == self.config.num_server_rounds:
             self.save(server_round, arrays)
         return None
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Server-side fast eval metrics (`eval_*`); a failure is logged and never stops training."""
+        try:
+            return self.evaluator(arrays.to_torch_state_dict(), self.run.lora)
+        except Exception as error:  # monitoring only: the run and its checkpoints matter more
+            log(WARNING, "Server-side evaluation failed: %s: %s", type(error).__name__, error)
+            return {}
+
+    def eta_seconds(self, server_round: int) -> float:
+        """Rounds left times the mean end-to-end duration (checkpoints included) of the recent rounds."""
+        recent = self.round_ends[-(ETA_WINDOW_ROUNDS + 1):]
+        per_round = (recent[-1] - recent[0]) / (len(recent) - 1)
+        return per_round * (self.config.num_server_rounds - server_round)
 
     def round_record(self, server_round: int) -> dict[str, Any]:
         stats = self.strategy.rounds[server_round]
@@ -122,19 +157,30 @@ class RoundRecorder:
         return {
             "round": server_round,
             "wall_time_s": round(time.time() - stats.started, 3),
+            "elapsed_s": round(self.elapsed_before + time.time() - self.started, 3),
             "train_loss": train.get("train_loss"),
             "learning_rate": cosine_annealing(
                 server_round, self.config.num_server_rounds,
                 self.config.train.learning_rate_max, self.config.train.learning_rate_min,
             ),
+            "num_supernodes": stats.supernodes,
             "clients_sampled": stats.sampled,
             "clients_replied": stats.replied,
             "clients_failed": stats.failed,
             "clients_rejected": stats.rejected,
             "clients_accepted": stats.accepted,
+            "round_skipped": stats.accepted == 0,  # no valid reply: the global adapter was kept
             "mb_sent": stats.mb_sent,
             "mb_received": stats.mb_received,
             "cumulative_mb": stats.cumulative_mb,
+            # where the accepted clients spent their time (seconds, summed over them) and how
+            # often they loaded the base model; the server's own loads (0: it is model-free)
+            "client_time_s": {
+                phase: round(sum(m.get(f"time-{phase}", 0.0) for m in stats.client_metrics), 4)
+                for phase in CLIENT_PHASES
+            },
+            "client_base_model_loads": int(sum(m.get("base-model-loads", 0) for m in stats.client_metrics)),
+            "server_base_model_loads": models.BASE_MODEL_LOADS,
         }
 
     def save(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -145,26 +191,45 @@ class RoundRecorder:
             "fingerprint": self.config.fingerprint(),
             "communication_mb": self.strategy.communication_mb,
             "history": self.run.history,
+            "run_uid": self.run.run_uid,
         }
         path = save_checkpoint(self.run.run_dir, server_round, adapter, self.run.lora, state)
         log(INFO, "Saved checkpoint %s", path)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run (or resume) the federated fine-tuning described by the run config."""
-    config = parse_run_config(context.run_config)
+def start_run(run_config: Mapping[str, Any]) -> tuple[AppConfig, RunSetup]:
+    """Everything before the first round, in the order that fails cheapest: config, paths,
+    data file, then the new or resumed run folder. Nothing is written until all checks pass."""
+    config = parse_run_config(run_config)
     check_local_paths(config)
     if config.dataset_path:
         validate_data_file(config.dataset_path)
-    run = prepare_run(config, dict(context.run_config))
+    return config, prepare_run(config, dict(run_config))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) the federated fine-tuning described by the run config."""
+    config, run = start_run(context.run_config)
     log(INFO, "Run folder: %s", run.run_dir)
-    strategy = build_strategy(config.strategy, run.start_round, run.communication_mb)
+    evaluator = ServerEvaluator(config) if config.eval.every_rounds else None
+    strategy = build_strategy(config.strategy, run.start_round, run.communication_mb, config.train.transport_dtype)
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(run.adapter),
         num_rounds=config.num_server_rounds - run.start_round,
         train_config=ConfigRecord({"num-server-rounds": config.num_server_rounds}),
-        evaluate_fn=RoundRecorder(config, run, strategy),
+        evaluate_fn=RoundRecorder(config, run, strategy, evaluator),
     )
     log(INFO, "Run finished; checkpoints in %s", run.run_dir)
+    write_plots(run.run_dir)
+
+
+def write_plots(run_dir: Path) -> None:
+    """The run's figures; a plotting problem is logged, never allowed to fail a finished run."""
+    try:
+        figures = plot_run(run_dir)
+    except Exception as error:  # any failure here must leave the saved checkpoints and metrics a success
+        log(WARNING, "Could not write the plots of %s: %s: %s", run_dir, type(error).__name__, error)
+        return
+    log(INFO, "Plots: %s", ", ".join(str(path) for path in figures))

@@ -14,17 +14,18 @@ FedAdam, FedAvgM). It adds three things without copying their aggregation code:
 from __future__ import annotations
 
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from flowertune_finance.config import StrategyConfig
+from flowertune_finance.config import STRATEGIES, ConfigError, StrategyConfig
 
 COMMUNICATION_BUDGET_MB = 200_000.0
 MB = 1024**2
@@ -37,6 +38,7 @@ class RoundStats:
 
     round: int
     started: float
+    supernodes: int = 0
     sampled: int = 0
     replied: int = 0
     failed: int = 0
@@ -45,6 +47,7 @@ class RoundStats:
     mb_received: float = 0.0
     cumulative_mb: float = 0.0
     train_metrics: MetricRecord | None = None
+    client_metrics: list[dict] = field(default_factory=list)  # each accepted reply's own metrics
 
     @property
     def accepted(self) -> int:
@@ -69,12 +72,58 @@ def reply_problem(reply: ArrayRecord, expected: ArrayRecord) -> str | None:
     return None
 
 
-class FlowerTuneMixin:
-    """Adds communication tracking, reply validation and a round offset to a Flower strategy."""
+def content_problem(
+    content: RecordDict, expected: ArrayRecord, arrayrecord_key: str, weighted_by_key: str
+) -> str | None:
+    """Why a reply cannot be aggregated, or None: Flower's FedAvg raises (and ends the run) on
+    a reply without exactly one ArrayRecord and one MetricRecord holding the weight, and
+    divides by the weights, so those are checked here too."""
+    if list(content.array_records) != [arrayrecord_key]:
+        return f"expected one ArrayRecord {arrayrecord_key!r}, got {sorted(content.array_records) or 'none'}"
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(weighted_by_key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+        return f"metric {weighted_by_key!r} is {weight!r}; expected a number > 0"
+    return reply_problem(content.array_records[arrayrecord_key], expected)
 
-    def setup_tracking(self, round_offset: int = 0, communication_mb: float = 0.0) -> None:
+
+def metric_key_outliers(replies: list[Message]) -> list[Message]:
+    """Replies whose metric names differ from the most common set (FedAvg refuses to mix them)."""
+    key_sets = [frozenset(next(iter(r.content.metric_records.values())).keys()) for r in replies]
+    if len(set(key_sets)) <= 1:
+        return []
+    common = Counter(key_sets).most_common(1)[0][0]
+    return [reply for reply, keys in zip(replies, key_sets) if keys != common]
+
+
+def with_dtype(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """`record` with every array cast to `dtype` (the same record if nothing changes)."""
+    if all(array.dtype == dtype for array in record.values()):
+        return record
+    return ArrayRecord(OrderedDict((key, Array(array.numpy().astype(dtype))) for key, array in record.items()))
+
+
+class FlowerTuneMixin:
+    """Adds communication tracking, reply validation and a round offset to a Flower strategy.
+
+    With `transport_dtype="float16"` the adapter travels as fp16 both ways (half the bytes),
+    while the strategy keeps, averages and returns it in fp32: the global adapter is cast
+    only for the wire, and fp16 replies are cast back before Flower aggregates them (its
+    FedAvg would otherwise average in fp16).
+    """
+
+    def setup_tracking(
+        self, round_offset: int = 0, communication_mb: float = 0.0, transport_dtype: str = "float32"
+    ) -> None:
+        if transport_dtype not in FLOAT_DTYPES:
+            raise ConfigError(
+                f"run config 'train.transport-dtype' = {transport_dtype!r} is not allowed; allowed: {', '.join(FLOAT_DTYPES)}"
+            )
         self.round_offset = round_offset
         self.communication_mb = communication_mb
+        self.transport_dtype = transport_dtype
         self.rounds: dict[int, RoundStats] = {}
         self._sent: ArrayRecord | None = None
 
@@ -85,8 +134,14 @@ class FlowerTuneMixin:
         stats = RoundStats(round=server_round, started=time.time())
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = arrays
+        if messages and self.transport_dtype != "float32":
+            content = RecordDict(dict(messages[0].content))  # Flower shares one content among the messages
+            content[self.arrayrecord_key] = with_dtype(arrays, self.transport_dtype)
+            for message in messages:
+                message.content = content
+        stats.supernodes = len(list(grid.get_node_ids()))  # connected now; the leaderboard requires 50
         stats.sampled = len(messages)
-        stats.mb_sent = arrays.count_bytes() * len(messages) / MB
+        stats.mb_sent = sum(a.count_bytes() for m in messages for a in m.content.array_records.values()) / MB
         self.rounds[server_round] = stats
         return messages
 
@@ -102,14 +157,18 @@ class FlowerTuneMixin:
                 stats.failed += 1
                 continue
             stats.replied += 1
-            arrays = reply.content.array_records.get(self.arrayrecord_key)
-            stats.mb_received += (arrays.count_bytes() if arrays is not None else 0) / MB
-            problem = "no adapter arrays in the reply" if arrays is None else reply_problem(arrays, self._sent)
+            stats.mb_received += sum(a.count_bytes() for a in reply.content.array_records.values()) / MB
+            problem = content_problem(reply.content, self._sent, self.arrayrecord_key, self.weighted_by_key)
             if problem:
                 stats.rejected += 1
                 log(WARNING, "Round %s: rejected the reply of node %s: %s", server_round, reply.metadata.src_node_id, problem)
             else:
                 valid.append(reply)
+        for reply in metric_key_outliers(valid):
+            valid.remove(reply)
+            stats.rejected += 1
+            log(WARNING, "Round %s: rejected the reply of node %s: its metric names differ from the other replies'",
+                server_round, reply.metadata.src_node_id)
         self.communication_mb += stats.mb_sent + stats.mb_received
         stats.cumulative_mb = self.communication_mb
         log(
@@ -127,6 +186,9 @@ class FlowerTuneMixin:
         if not valid:
             log(WARNING, "Round %s skipped: no valid reply; the global adapter is unchanged", server_round)
             return None, None
+        for reply in valid:  # average in fp32 whatever the wire carried
+            reply.content[self.arrayrecord_key] = with_dtype(reply.content[self.arrayrecord_key], "float32")
+        stats.client_metrics = [dict(next(iter(r.content.metric_records.values()))) for r in valid]
         arrays, metrics = super().aggregate_train(server_round, valid + [r for r in replies if r.has_error()])
         stats.train_metrics = metrics
         return arrays, metrics
@@ -148,20 +210,30 @@ class FlowerTuneFedAvgM(FlowerTuneMixin, FedAvgM):
     """FedAvgM: server-side momentum on the averaged update."""
 
 
-def build_strategy(config: StrategyConfig, round_offset: int = 0, communication_mb: float = 0.0) -> FlowerTuneMixin:
-    """The configured Flower strategy with tracking; `round_offset` > 0 when resuming."""
+def build_strategy(
+    config: StrategyConfig, round_offset: int = 0, communication_mb: float = 0.0, transport_dtype: str = "float32"
+) -> FlowerTuneMixin:
+    """The configured Flower strategy with tracking; `round_offset` > 0 when resuming.
+
+    FedAdam's moments and FedAvgM's momentum live in the strategy object: a resumed run
+    starts them afresh.
+    """
     common = {"fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate}
     if config.name == "fedavg":
         strategy = FlowerTuneFedAvg(**common)
     elif config.name == "fedprox":
         strategy = FlowerTuneFedProx(**common, proximal_mu=config.proximal_mu)
     elif config.name == "fedadam":
-        strategy = FlowerTuneFedAdam(**common, eta=config.server_learning_rate)
+        strategy = FlowerTuneFedAdam(
+            **common, eta=config.fedadam_eta, beta_1=config.fedadam_beta_1, beta_2=config.fedadam_beta_2,
+            tau=config.fedadam_tau,
+        )
     elif config.name == "fedavgm":
         strategy = FlowerTuneFedAvgM(
-            **common, server_learning_rate=config.server_learning_rate, server_momentum=config.server_momentum
+            **common, server_learning_rate=config.fedavgm_server_learning_rate,
+            server_momentum=config.fedavgm_server_momentum,
         )
     else:
-        raise ValueError(f"strategy.name = {config.name!r} is not supported; allowed: fedavg, fedprox, fedadam, fedavgm")
-    strategy.setup_tracking(round_offset=round_offset, communication_mb=communication_mb)
+        raise ConfigError(f"run config 'strategy.name' = {config.name!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
+    strategy.setup_tracking(round_offset=round_offset, communication_mb=communication_mb, transport_dtype=transport_dtype)
     return strategy

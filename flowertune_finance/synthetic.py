@@ -94,3 +94,78 @@ def write_jsonl(rows: Sequence[dict], path: Path) -> Path:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+EVAL_SETS = ("fpb", "fiqa", "tfns")
+TFNS_LABEL_IDS = {"negative": 0, "positive": 1, "neutral": 2}  # the hub's map, unlike FPB's 0/1/2 order
+# FiQA scores per label, including the protocol's thresholds (-0.1 is neutral, 0.1 is positive).
+FIQA_SCORES = {
+    "negative": (-0.9, -0.55, -0.3, -0.1001),
+    "neutral": (-0.1, -0.02, 0.0, 0.05, 0.0999),
+    "positive": (0.1, 0.25, 0.6, 0.87),
+}
+
+
+def _fiqa_rows(n: int, seed: int, companies: Sequence[str]) -> dict[str, list]:
+    rng = random.Random(seed + 2)
+    rows: dict[str, list] = {key: [] for key in
+                             ("sentence", "snippets", "target", "sentiment_score", "aspects", "format", "label")}
+    for text, label in sentences(n, seed, companies):
+        company = next(name for name in companies if text.startswith(name))
+        rows["sentence"].append(text)
+        rows["snippets"].append(str([text[len(company) + 1:].rstrip(".")]))
+        rows["target"].append(company)
+        rows["sentiment_score"].append(rng.choice(FIQA_SCORES[label]))
+        rows["aspects"].append(str([rng.choice(("Corporate/Sales", "Stock/Price Action", "Corporate/Legal"))]))
+        rows["format"].append(rng.choice(("post", "headline")))
+        rows["label"].append(LABELS.index(label))
+    return rows
+
+
+def write_eval_sets(
+    data_dir: str | Path,
+    rows_per_set: int = 60,
+    seed: int = 0,
+    companies: Sequence[str] = HELD_OUT_COMPANIES,
+    datasets: Sequence[str] = EVAL_SETS,
+) -> Path:
+    """Write offline stand-ins for the leaderboard's FPB, FiQA and TFNS as `save_to_disk` folders.
+
+    Each `data_dir/<name>` has the hub data set's splits, columns and label encodings, so the
+    evaluation code reads them exactly as it reads the real ones (`--data-dir`); the text is
+    synthetic, so labels follow from the words. Existing folders are never overwritten.
+    """
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    unknown = [name for name in datasets if name not in EVAL_SETS]
+    if unknown:
+        raise ValueError(f"unknown evaluation set(s) {', '.join(unknown)}; allowed: {', '.join(EVAL_SETS)}")
+    if rows_per_set < 3:
+        raise ValueError(f"rows_per_set = {rows_per_set} is too small; allowed: an integer >= 3")
+    data_dir = Path(data_dir)
+    taken = [str(data_dir / name) for name in datasets if (data_dir / name).exists()]
+    if taken:
+        raise FileExistsError(f"evaluation set folder(s) already exist, not overwriting: {', '.join(taken)}")
+
+    def texts(n: int, offset: int) -> list[tuple[str, str]]:
+        return list(sentences(n, seed * 1000 + offset, companies))
+
+    for name in datasets:
+        if name == "fpb":
+            rows = texts(rows_per_set, 1)
+            features = Features({"sentence": Value("string"), "label": ClassLabel(names=list(LABELS))})
+            splits = {"train": Dataset.from_dict(
+                {"sentence": [t for t, _ in rows], "label": [LABELS.index(lab) for _, lab in rows]}, features=features)}
+        elif name == "fiqa":
+            sizes = {"train": rows_per_set - 2 * (rows_per_set // 5), "validation": rows_per_set // 5,
+                     "test": rows_per_set // 5}
+            splits = {split: Dataset.from_dict(_fiqa_rows(size, seed * 1000 + 10 + i, companies))
+                      for i, (split, size) in enumerate(sizes.items())}
+        else:
+            splits = {}
+            for i, split in enumerate(("train", "validation")):
+                rows = texts(rows_per_set, 20 + i)
+                splits[split] = Dataset.from_dict(
+                    {"text": [t for t, _ in rows], "label": [TFNS_LABEL_IDS[lab] for _, lab in rows]})
+        DatasetDict(splits).save_to_disk(str(data_dir / name))
+    return data_dir

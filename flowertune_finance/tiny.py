@@ -64,7 +64,7 @@ def build_tiny_model(
     The same arguments always give the same weights and vocabulary.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r} is not supported; allowed: {', '.join(ARCHITECTURES)}")
@@ -83,8 +83,12 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+    config.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    # Some architectures' tokenizer classes add special tokens of their own on loading
+    # (Qwen2 adds <|endoftext|>): size the embeddings for the tokenizer the app will load.
+    config.vocab_size = max(config.vocab_size, len(AutoTokenizer.from_pretrained(output_dir)))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
     return output_dir

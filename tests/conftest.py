@@ -8,10 +8,6 @@ SuperLink the developer has running, and every process started under that FLWR_H
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,45 +15,10 @@ from typing import Any
 import pytest
 
 from flowertune_finance import launch
+from flowertune_finance.launch import free_port, kill_processes_with_env, private_flwr_env, processes_with_env  # noqa: F401
 from flowertune_finance.tiny import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def processes_with_env(name: str, value: str) -> list[int]:
-    """PIDs whose environment holds `name=value` (how we find what a test's SuperLink spawned)."""
-    needle = f"{name}={value}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_processes_with_env(name: str, value: str, grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds, every process carrying `name=value`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = processes_with_env(name, value)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace
-        while pids and time.time() < deadline and processes_with_env(name, value):
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
@@ -70,13 +31,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def flwr_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Environment for `flwr`: private FLWR_HOME and ports; everything it started is killed at the end."""
     home = str(tmp_path_factory.mktemp("flwr-home"))
-    env = {
-        "FLWR_HOME": home,
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
+    env = private_flwr_env(home)
     yield env
     kill_processes_with_env("FLWR_HOME", home)
 

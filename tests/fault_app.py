@@ -1,0 +1,35 @@
+"""Test-only ClientApp: the production train handler with faults injected for chosen rounds
+and partitions. tests/test_faults.py copies this module into a small app folder whose
+pyproject.toml names it as the clientapp, and runs that folder with the real `flwr run`;
+the production ClientApp carries no test hooks.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from flowertune_finance import client_app
+
+# server round -> partition-id -> fault ("raise": the client crashes; "nan": it replies with a NaN weight)
+FAULTS = {
+    1: {0: "raise", 1: "nan"},
+    2: {0: "raise", 1: "raise", 2: "raise", 3: "nan", 4: "nan"},
+}
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fail, or train and corrupt the reply, as FAULTS says for this round and partition."""
+    server_round = int(msg.content["config"]["server-round"])
+    fault = FAULTS.get(server_round, {}).get(int(context.node_config["partition-id"]))
+    if fault == "raise":
+        raise RuntimeError(f"injected client failure in round {server_round}")
+    reply = client_app.train(msg, context)
+    if fault == "nan":
+        adapter = reply.content["arrays"].to_torch_state_dict()
+        adapter[next(iter(adapter))].view(-1)[0] = float("nan")
+        reply.content["arrays"] = ArrayRecord(adapter)
+    return reply

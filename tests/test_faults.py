@@ -1,0 +1,128 @@
+"""Robust aggregation through the real app path: failing and NaN-sending clients.
+
+The ClientApp here is tests/fault_app.py (the production train handler plus injected
+faults), run by `flwr run` from a small app folder that differs from the repository's only
+in its clientapp component. 5 SuperNodes, every one trains every round:
+round 1: partition 0 raises, partition 1 replies with a NaN weight -> 3 replies averaged;
+round 2: all five fail or send NaN -> the global adapter is kept;
+round 3: no faults -> training goes on from the kept adapter.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_dirs, smoke_config
+from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+from flowertune_finance import launch
+from flowertune_finance.checkpoint import load_adapter
+from flowertune_finance.config import StrategyConfig
+from flowertune_finance.metrics import read_metrics
+from flowertune_finance.strategy import RoundStats, build_strategy, content_problem
+
+NUM_SUPERNODES = 5
+
+
+def fault_app_dir(tmp_path: Path) -> Path:
+    """A copy of the app whose clientapp is the fault-injecting wrapper."""
+    app_dir = tmp_path / "fault-app"
+    app_dir.mkdir()
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    production = 'clientapp = "flowertune_finance.client_app:app"'
+    assert production in pyproject
+    pyproject = pyproject.replace(production, 'clientapp = "fault_app:app"')
+    # the repository's FAB file patterns name its own folders; this folder ships all it holds
+    pyproject = re.sub(r"(?m)^fab-(include|exclude) = .*$", "", pyproject)
+    (app_dir / "pyproject.toml").write_text(pyproject)
+    (app_dir / "README.md").write_text("Fault-injection test app.\n")
+    shutil.copy(Path(__file__).with_name("fault_app.py"), app_dir / "fault_app.py")
+    return app_dir
+
+
+def test_failed_and_nan_clients_are_excluded_and_all_bad_keeps_the_adapter(tiny_model, flwr_env, tmp_path, capfd):
+    output_dir = tmp_path / "results"
+    config = smoke_config(tiny_model, output_dir, **{
+        "num-server-rounds": 3, "strategy.fraction-train": 1.0, "train.save-every-round": 1,
+    })
+    result = launch.run_app(fault_app_dir(tmp_path), config, num_supernodes=NUM_SUPERNODES, env=flwr_env, timeout=400)
+    log = capfd.readouterr().out
+    assert result.status == "finished:completed"
+    (run_dir,) = run_dirs(output_dir)
+
+    records = {record["round"]: record for record in read_metrics(run_dir)}
+    assert sorted(records) == [1, 2, 3]
+    counts = {r: (x["clients_sampled"], x["clients_failed"], x["clients_rejected"], x["clients_accepted"])
+              for r, x in records.items()}
+    assert counts == {1: (5, 1, 1, 3), 2: (5, 3, 2, 0), 3: (5, 0, 0, 5)}
+    assert [records[r]["round_skipped"] for r in (1, 2, 3)] == [False, True, False]
+    assert records[2]["train_loss"] is None and records[3]["train_loss"] is not None
+    assert "non-finite values" in log and "Round 2 skipped: no valid reply" in log
+
+    adapters = {r: load_adapter(run_dir / f"peft_{r}") for r in (1, 2, 3)}
+    for adapter in adapters.values():
+        assert all(torch.isfinite(tensor).all() for tensor in adapter.values())
+    trained = [tensor for key, tensor in adapters[1].items() if "lora_B" in key]
+    assert any(tensor.abs().sum() > 0 for tensor in trained), "round 1 trained nothing"
+    assert all(torch.equal(adapters[2][key], adapters[1][key]) for key in adapters[1]), "round 2 changed the adapter"
+    assert any(not torch.equal(adapters[3][key], adapters[2][key]) for key in adapters[2]), "round 3 did not train"
+
+
+def reply(arrays: dict, metrics: dict, node_id: int = 7, extra_arrays: dict | None = None) -> Message:
+    """A client's reply as the ServerApp receives it."""
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    if extra_arrays is not None:
+        content["more"] = ArrayRecord(extra_arrays)
+    metadata = Metadata(run_id=1, message_id=str(node_id), src_node_id=node_id, dst_node_id=0, reply_to_message_id="x",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    return Message(content=content, metadata=metadata)
+
+
+GLOBAL = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+GOOD_METRICS = {"num-examples": 10, "train_loss": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("arrays", "metrics", "extra", "problem"),
+    [
+        ({"a.lora_A.weight": torch.ones(2, 3)}, GOOD_METRICS, None, "missing 1 array"),
+        ({**GLOBAL, "b.weight": torch.ones(1)}, GOOD_METRICS, None, "unexpected array"),
+        ({**GLOBAL, "a.lora_A.weight": torch.ones(3, 2)}, GOOD_METRICS, None, "has shape (3, 2), expected (2, 3)"),
+        ({**GLOBAL, "a.lora_A.weight": torch.ones(2, 3, dtype=torch.int64)}, GOOD_METRICS, None, "has dtype int64"),
+        ({**GLOBAL, "a.lora_B.weight": torch.full((3, 2), float("inf"))}, GOOD_METRICS, None, "non-finite"),
+        (GLOBAL, {"train_loss": 1.0}, None, "metric 'num-examples' is None"),
+        (GLOBAL, {"num-examples": 0}, None, "metric 'num-examples' is 0"),
+        (GLOBAL, GOOD_METRICS, {"x": torch.ones(1)}, "expected one ArrayRecord 'arrays'"),
+    ],
+)
+def test_reply_checks_name_the_problem(arrays, metrics, extra, problem):
+    message = reply(arrays, metrics, extra_arrays=extra)
+    assert problem in content_problem(message.content, ArrayRecord(GLOBAL), "arrays", "num-examples")
+
+
+def test_round_averages_only_valid_replies_and_counts_the_rest(caplog):
+    """In-process: replies FedAvg would crash on (extra record, other metric names) or average in (NaN)."""
+    strategy = build_strategy(StrategyConfig(fraction_train=1.0))
+    strategy.rounds[1] = RoundStats(round=1, started=time.time(), sampled=5)
+    strategy._sent = ArrayRecord(GLOBAL)
+    ones = {key: torch.ones_like(value) for key, value in GLOBAL.items()}
+    threes = {key: torch.full_like(value, 3.0) for key, value in GLOBAL.items()}
+    replies = [
+        reply(ones, GOOD_METRICS, node_id=1),
+        reply(threes, GOOD_METRICS, node_id=2),
+        reply({**ones, "a.lora_A.weight": torch.full((2, 3), float("nan"))}, GOOD_METRICS, node_id=3),
+        reply(ones, GOOD_METRICS, node_id=4, extra_arrays={"x": torch.ones(1)}),
+        reply(ones, {**GOOD_METRICS, "other": 1.0}, node_id=5),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    stats = strategy.rounds[1]
+    assert (stats.replied, stats.rejected, stats.accepted) == (5, 3, 2)
+    assert all(torch.equal(tensor, torch.full_like(tensor, 2.0)) for tensor in arrays.to_torch_state_dict().values())
+    rejected = [m for m in caplog.messages if "rejected the reply of node" in m]
+    assert [re.search(r"node (\d+)", m).group(1) for m in rejected] == ["3", "4", "5"]
+    assert "non-finite" in rejected[0] and "ArrayRecord" in rejected[1] and "metric names differ" in rejected[2]
