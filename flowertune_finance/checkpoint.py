@@ -23,10 +23,11 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from flowertune_finance.metrics import RUN_CONFIG
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_STATE = "run_state.json"
-RUN_CONFIG = "run_config.json"
 CHECKPOINT_PATTERN = re.compile(r"^peft_(\d+)$")
 
 
@@ -117,15 +118,20 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path=path, round=int(match.group(1)), state=state)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Checkpoint:
-    """The newest complete checkpoint of a run folder; incomplete or corrupt ones are skipped
-    with their reasons reported if none is usable."""
+def checkpoint_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(round, folder) of every `peft_<round>` folder in a run folder, oldest first."""
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise CheckpointError(f"resume.from = {str(run_dir)!r}: no such run folder")
-    candidates = sorted(
+    return sorted(
         (int(m.group(1)), child) for child in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(child.name))
     )
+
+
+def latest_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """The newest complete checkpoint of a run folder; incomplete or corrupt ones are skipped
+    with their reasons reported if none is usable."""
+    candidates = checkpoint_folders(run_dir)
     problems = []
     for _, path in reversed(candidates):
         try:
@@ -143,12 +149,7 @@ def resume_checkpoint(run_dir: str | Path) -> Checkpoint:
     Unlike `latest_checkpoint`, a broken newest checkpoint is an error rather than skipped:
     the resumed run would otherwise reach that round and find the name taken, hours later.
     """
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise CheckpointError(f"resume.from = {str(run_dir)!r}: no such run folder")
-    candidates = sorted(
-        (int(m.group(1)), child) for child in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(child.name))
-    )
+    candidates = checkpoint_folders(run_dir)
     if not candidates:
         raise CheckpointError(
             f"resume.from = {str(run_dir)!r} has no complete checkpoint: it holds no peft_<round> folder"

@@ -18,6 +18,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from peft import LoraConfig
 
+from flowertune_finance import models
 from flowertune_finance.checkpoint import (
     CheckpointError,
     create_run_dir,
@@ -28,12 +29,11 @@ from flowertune_finance.checkpoint import (
 )
 from flowertune_finance.config import AppConfig, check_local_paths, parse_run_config
 from flowertune_finance.dataset import validate_data_file
-from flowertune_finance.metrics import METRICS_FILE, append_metrics, progress_line
-from flowertune_finance import models
+from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB, METRICS_FILE, append_metrics, progress_line
 from flowertune_finance.models import cosine_annealing, initial_adapter
 from flowertune_finance.plots import plot_run
 from flowertune_finance.server_eval import ServerEvaluator
-from flowertune_finance.strategy import COMMUNICATION_BUDGET_MB, FlowerTuneMixin, build_strategy
+from flowertune_finance.strategy import FlowerTuneMixin, build_strategy
 
 app = ServerApp()
 

@@ -26,8 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from flowertune_finance.config import STRATEGIES, ConfigError, StrategyConfig
+from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB
 
-COMMUNICATION_BUDGET_MB = 200_000.0
 MB = 1024**2
 FLOAT_DTYPES = ("float32", "float16")
 
@@ -191,7 +191,8 @@ class FlowerTuneMixin:
         stats.client_metrics = [dict(next(iter(r.content.metric_records.values()))) for r in valid]
         arrays, metrics = super().aggregate_train(server_round, valid + [r for r in replies if r.has_error()])
         stats.train_metrics = metrics
-        return arrays, metrics
+        # FedAdam and FedAvgM return float64; keep the global adapter (and the wire) in fp32
+        return (with_dtype(arrays, "float32") if arrays is not None else None), metrics
 
 
 class FlowerTuneFedAvg(FlowerTuneMixin, FedAvg):

@@ -22,13 +22,11 @@ from flwr.common.config import flatten_dict, get_project_config
 from flowertune_finance.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    RUN_CONFIG,
     CheckpointError,
     latest_checkpoint,
 )
 from flowertune_finance.config import ConfigError, parse_run_config
-from flowertune_finance.metrics import METRICS_FILE, read_metrics
-from flowertune_finance.strategy import COMMUNICATION_BUDGET_MB
+from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB, METRICS_FILE, RUN_CONFIG, read_metrics
 
 LEADERBOARD_DATASETS = ("fpb", "fiqa", "tfns")
 LEADERBOARD_STATIC = {"static.dataset.name": "flwrlabs/fingpt-sentiment-train"}
