@@ -26,7 +26,7 @@ import torch
 
 from flowertune_finance import launch, synthetic
 from flowertune_finance.checkpoint import save_checkpoint
-from flowertune_finance.client_app import train_adapter
+from flowertune_finance.training import train_adapter
 from flowertune_finance.config import parse_run_config
 from flowertune_finance.evaluate import DATASETS, load_eval_set, score_set
 from flowertune_finance.generation import load_model

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from flowertune_finance import launch
-from flowertune_finance.launch import free_port, kill_processes_with_env, private_flwr_env, processes_with_env  # noqa: F401
+from flowertune_finance.launch import kill_processes_with_env, private_flwr_env
 from flowertune_finance.tiny import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

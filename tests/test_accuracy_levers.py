@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from flowertune_finance import client_app, synthetic
+from flowertune_finance import models, synthetic, training
 from flowertune_finance.config import ConfigError, ModelConfig, StrategyConfig, parse_run_config
 from flowertune_finance.dataset import format_completion, format_prompt, load_partition, round_indices
 from flowertune_finance.strategy import build_strategy
@@ -53,11 +53,11 @@ def test_answer_format_trains_on_the_evaluation_prompt_tokens_and_only_the_label
         "dataset.path": str(sample_file), "train.prompt-format": "answer", "train.seq-length": 128,
         "train.training-arguments.per-device-train-batch-size": 6,
     })
-    examples, *_, tokenizer = client_app.tokenized_partition(config, partition_id=3, num_partitions=50)
+    examples, *_, tokenizer = training.tokenized_partition(config, partition_id=3, num_partitions=50)
     rows = load_partition(3, 50, config.dataset_name, config.dataset_path).select(range(6))
-    model = client_app.models.cached_peft_model(config.model)
+    model = models.cached_peft_model(config.model)
     trainer = ProximalSFTTrainer(
-        model=model, args=client_app.sft_config(config, 1e-3, "unused"), train_dataset=examples.select(range(6)),
+        model=model, args=training.sft_config(config, 1e-3, "unused"), train_dataset=examples.select(range(6)),
         processing_class=tokenizer, proximal_mu=0.0,
     )
     batch = trainer.data_collator([examples[i] for i in range(6)])

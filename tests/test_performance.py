@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from flowertune_finance import client_app, models
+from flowertune_finance import models, training
 from flowertune_finance.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_checkpoint
 from flowertune_finance.config import StrategyConfig, parse_run_config
 from flowertune_finance.dataset import load_partition, tokenize_partition
@@ -46,8 +46,8 @@ def _received_adapter(config, seed: int) -> dict[str, torch.Tensor]:
 def _fresh_worker(monkeypatch) -> None:
     """Forget every per-worker cache, as a new worker process would start."""
     models.clear_model_cache()
-    monkeypatch.setattr(client_app, "_TOKENIZERS", {})
-    monkeypatch.setattr(client_app, "_TOKENIZED", {})
+    monkeypatch.setattr(training, "_TOKENIZERS", {})
+    monkeypatch.setattr(training, "_TOKENIZED", {})
 
 
 def _hooks(model) -> dict[str, int]:
@@ -61,7 +61,7 @@ def test_cached_model_replies_like_fresh_builds_and_keeps_no_state(tiny_model, m
     fresh = []
     for partition, server_round, seed in CALLS:
         _fresh_worker(monkeypatch)
-        fresh.append(client_app.train_adapter(config, _received_adapter(config, seed), partition, 50, server_round))
+        fresh.append(training.train_adapter(config, _received_adapter(config, seed), partition, 50, server_round))
     assert [metrics["base-model-loads"] for _, metrics in fresh] == [1, 1, 1]
 
     _fresh_worker(monkeypatch)
@@ -71,7 +71,7 @@ def test_cached_model_replies_like_fresh_builds_and_keeps_no_state(tiny_model, m
              "checkpointing": model.is_gradient_checkpointing}
     cached = []
     for partition, server_round, seed in CALLS:
-        cached.append(client_app.train_adapter(config, _received_adapter(config, seed), partition, 50, server_round))
+        cached.append(training.train_adapter(config, _received_adapter(config, seed), partition, 50, server_round))
         assert models.cached_peft_model(config.model) is model
         # nothing a trainer set up survives the call: hooks, gradients, trainable set, flags
         assert _hooks(model) == built["hooks"]
@@ -96,8 +96,8 @@ def test_cache_off_rebuilds_every_call_with_the_same_result(tiny_model, monkeypa
     off = _config(tiny_model, 0, **{"train.cache-base-model": False})
     adapter = _received_adapter(on, seed=5)
     models.cached_peft_model(on.model)  # a warm cache must not be used when it is off
-    cached, metrics_on = client_app.train_adapter(on, adapter, 3, 50, 2)
-    rebuilt = [client_app.train_adapter(off, adapter, 3, 50, 2) for _ in range(2)]
+    cached, metrics_on = training.train_adapter(on, adapter, 3, 50, 2)
+    rebuilt = [training.train_adapter(off, adapter, 3, 50, 2) for _ in range(2)]
     assert metrics_on["base-model-loads"] == 0 and [m["base-model-loads"] for _, m in rebuilt] == [1, 1]
     assert all(torch.equal(cached[k], reply[k]) for reply, _ in rebuilt for k in cached)
 
@@ -106,7 +106,7 @@ def test_labels_built_once_equal_what_trl_prepares_each_call(tiny_model):
     from trl import SFTConfig, SFTTrainer
 
     config = _config(tiny_model, 0, **{"train.seq-length": 70})  # short: 17 of 50 rows lose their completion
-    examples, has_loss, tokenizer = client_app.tokenized_partition(config, 8, 50)
+    examples, has_loss, tokenizer = training.tokenized_partition(config, 8, 50)
     raw = tokenize_partition(load_partition(8, 50, config.dataset_name, config.dataset_path), tokenizer, "alpaca", 70)
     args = SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none", completion_only_loss=True,
                      max_length=70)

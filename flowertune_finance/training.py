@@ -1,0 +1,195 @@
+"""One client's round of local training: the cached model and data, TRL's SFTTrainer, the reply.
+
+Everything a worker process keeps between client calls lives here (the tokenizer, each
+partition's tokenized examples; the model cache is in `models`), so `client_app` stays a
+thin Flower handler and tests and benchmarks can call `train_adapter` in-process.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from flowertune_finance import models
+from flowertune_finance.config import AppConfig
+from flowertune_finance.dataset import load_partition, load_tokenizer, round_indices, tokenize_partition
+
+# Precision flags that only make sense on a GPU; on the CPU the app trains in fp32.
+GPU_PRECISION_ARGUMENTS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval")
+TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+# Per-worker caches of what is expensive and invariant across client calls: the tokenizer
+# per model, and each partition's trainer-ready examples.
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZED: dict[tuple, Any] = {}
+
+
+def with_labels(examples, seq_length: int):
+    """`input_ids` + `labels` (-100 outside the completion), truncated to `seq_length`.
+
+    This is what TRL's SFTTrainer would derive from the completion mask in every call
+    (build labels, truncate); done once per partition here, so the trainer can skip its
+    per-call dataset preparation (`skip_prepare_dataset`).
+    """
+    def labels(row: dict[str, list[int]]) -> dict[str, list[int]]:
+        ids = row["input_ids"][:seq_length]
+        return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, row["completion_mask"])]}
+
+    return examples.map(labels, remove_columns=["completion_mask"])
+
+
+def tokenized_partition(config: AppConfig, partition_id: int, num_partitions: int):
+    """The node's partition as `input_ids` + `labels`, tokenized once per worker, and which
+    examples have any completion token left (TRL drops the others from training)."""
+    if config.model.name not in _TOKENIZERS:
+        _TOKENIZERS[config.model.name] = load_tokenizer(config.model.name)
+    tokenizer = _TOKENIZERS[config.model.name]
+    key = (config.model.name, config.dataset_name, config.dataset_path, partition_id, num_partitions,
+           config.train.prompt_format, config.train.seq_length)
+    if key not in _TOKENIZED:
+        partition = load_partition(partition_id, num_partitions, config.dataset_name, config.dataset_path)
+        tokenized = tokenize_partition(partition, tokenizer, config.train.prompt_format, config.train.seq_length)
+        examples = with_labels(tokenized, config.train.seq_length)
+        has_loss = [any(label != -100 for label in labels) for labels in examples["labels"]]
+        _TOKENIZED[key] = (examples, has_loss)
+    examples, has_loss = _TOKENIZED[key]
+    return examples, has_loss, tokenizer
+
+
+def trainer_arguments(config: AppConfig, learning_rate: float, output_dir: str, cuda: bool) -> dict[str, Any]:
+    """SFTConfig keyword arguments: the run's training arguments, adapted to the machine.
+
+    Without CUDA the precision flags are dropped and training runs in fp32 on the CPU,
+    whatever the run config says; with CUDA, bf16 is on unless the run config says otherwise.
+    """
+    arguments = dict(config.train.training_arguments)
+    if not cuda:
+        for name in GPU_PRECISION_ARGUMENTS:
+            arguments.pop(name, None)
+    arguments.update(
+        output_dir=output_dir,
+        learning_rate=learning_rate,
+        max_length=config.train.seq_length,
+        completion_only_loss=True,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataset_kwargs={"skip_prepare_dataset": True},  # labels are built once per partition (with_labels)
+        use_cpu=not cuda,
+        bf16=arguments.get("bf16", cuda),
+    )
+    return arguments
+
+
+def sft_config(config: AppConfig, learning_rate: float, output_dir: str):
+    """The SFTConfig for this round on this machine."""
+    from trl import SFTConfig
+
+    return SFTConfig(**trainer_arguments(config, learning_rate, output_dir, models.use_cuda()))
+
+
+def train_adapter(
+    config: AppConfig,
+    adapter: dict[str, torch.Tensor],
+    partition_id: int,
+    num_partitions: int,
+    server_round: int,
+    proximal_mu: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train `adapter` on the node's data for one round; return new weights and metrics.
+
+    `proximal_mu` > 0 (sent by FedProx) adds the proximal term to the training loss.
+    """
+    from flowertune_finance.proximal import ProximalSFTTrainer
+
+    timings = {}
+    start = time.perf_counter()
+    loads_before = models.BASE_MODEL_LOADS
+    if config.train.cache_base_model:
+        model = models.cached_peft_model(config.model)
+    else:
+        model = models.build_peft_model(config.model)
+    models.set_adapter_state(model, adapter)
+    timings["time-model"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    examples, has_loss, tokenizer = tokenized_partition(config, partition_id, num_partitions)
+    indices = round_indices(len(examples), config.train.examples_per_round, server_round, config.train.dynamic_data_seed)
+    window = examples.select([i for i in indices if has_loss[i]])
+    timings["time-data"] = time.perf_counter() - start
+
+    learning_rate = models.cosine_annealing(
+        server_round, config.num_server_rounds, config.train.learning_rate_max, config.train.learning_rate_min
+    )
+    with tempfile.TemporaryDirectory(prefix="flowertune-") as output_dir, models.trainer_call(model):
+        start = time.perf_counter()
+        step_timer = StepTimer()
+        trainer = ProximalSFTTrainer(
+            model=model, args=sft_config(config, learning_rate, output_dir), train_dataset=window,
+            processing_class=tokenizer, proximal_mu=proximal_mu, callbacks=[step_timer],
+        )
+        timings["time-setup"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result = trainer.train()
+        timings["time-train"] = time.perf_counter() - start
+        timings["time-steps"] = step_timer.seconds  # the optimizer steps within time-train
+
+    start = time.perf_counter()
+    new_adapter = models.get_adapter_state(model, TRANSPORT_DTYPES[config.train.transport_dtype])
+    timings["time-serialize"] = time.perf_counter() - start
+    metrics = {
+        "train_loss": float(result.training_loss),
+        "num-examples": len(examples),
+        "learning-rate": learning_rate,
+        "base-model-loads": models.BASE_MODEL_LOADS - loads_before,
+        **timings,
+    }
+    return new_adapter, metrics
+
+
+class StepTimer(TrainerCallback):
+    """Trainer callback summing the wall time of the optimizer steps themselves (forward,
+    backward, optimizer update), so benchmarks can tell them from everything around them."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+
+def silence_progress_bars() -> None:
+    """No per-call "Map" / "Loading weights" bars in the worker's log (the round log says enough)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+_WORKER_FROZEN = False
+
+
+def freeze_long_lived_objects() -> None:
+    """After a worker's first client call, take what lives as long as the worker (imported
+    modules, cached model and data) out of the garbage collector's view with `gc.freeze()`.
+
+    Every `Trainer.train()` runs a full `gc.collect()` (accelerate's `free_memory`), which
+    otherwise walks ~0.5 M objects of torch/transformers/flwr in each call: about 0.3 s on a
+    2-core CPU, more than two tiny training steps. Done once, after collecting the first
+    call's garbage, since frozen objects are never collected.
+    """
+    global _WORKER_FROZEN
+    if not _WORKER_FROZEN:
+        gc.collect()
+        gc.freeze()
+        _WORKER_FROZEN = True
