@@ -9,8 +9,6 @@ surfacing after a 7B model has been loaded.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +118,7 @@ class AppConfig:
     resume_from: str = ""
 
     def defining_settings(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
+        """The settings a resumed run must share with the run it continues (stored in every checkpoint)."""
         return {
             "model": dataclasses.asdict(self.model),
             "num_server_rounds": self.num_server_rounds,
@@ -128,11 +126,6 @@ class AppConfig:
             "dataset_path": self.dataset_path,
             "prompt_format": self.train.prompt_format,
         }
-
-    def fingerprint(self) -> str:
-        """A short hash of `defining_settings`, stored with every checkpoint."""
-        text = json.dumps(self.defining_settings(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _positive(value: float) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from peft import LoraConfig
@@ -188,7 +188,6 @@ class RoundRecorder:
         state = {
             "num_server_rounds": self.config.num_server_rounds,
             "settings": self.config.defining_settings(),
-            "fingerprint": self.config.fingerprint(),
             "communication_mb": self.strategy.communication_mb,
             "history": self.run.history,
             "run_uid": self.run.run_uid,
@@ -197,28 +196,28 @@ class RoundRecorder:
         log(INFO, "Saved checkpoint %s", path)
 
 
-def start_run(run_config: Mapping[str, Any]) -> tuple[AppConfig, RunSetup]:
+def start_run(run_config: Mapping[str, Any]) -> tuple[AppConfig, RunSetup, ServerEvaluator | None]:
     """Everything before the first round, in the order that fails cheapest: config, paths,
-    data file, then the new or resumed run folder. Nothing is written until all checks pass."""
+    data file, evaluation data (if server-side eval is on), then the new or resumed run
+    folder. Nothing is written until all checks pass."""
     config = parse_run_config(run_config)
     check_local_paths(config)
     if config.dataset_path:
         validate_data_file(config.dataset_path)
-    return config, prepare_run(config, dict(run_config))
+    evaluator = ServerEvaluator(config) if config.eval.every_rounds else None
+    return config, prepare_run(config, dict(run_config)), evaluator
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federated fine-tuning described by the run config."""
-    config, run = start_run(context.run_config)
+    config, run, evaluator = start_run(context.run_config)
     log(INFO, "Run folder: %s", run.run_dir)
-    evaluator = ServerEvaluator(config) if config.eval.every_rounds else None
     strategy = build_strategy(config.strategy, run.start_round, run.communication_mb, config.train.transport_dtype)
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(run.adapter),
         num_rounds=config.num_server_rounds - run.start_round,
-        train_config=ConfigRecord({"num-server-rounds": config.num_server_rounds}),
         evaluate_fn=RoundRecorder(config, run, strategy, evaluator),
     )
     log(INFO, "Run finished; checkpoints in %s", run.run_dir)

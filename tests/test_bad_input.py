@@ -48,7 +48,7 @@ def saved(tiny_model, tmp_path):
     """(run config, results folder, run folder) of a run saved at round 2 of 4."""
     results = tmp_path / "results"
     run_config = smoke_config(tiny_model, results, **{"num-server-rounds": ROUNDS, "train.save-every-round": 2})
-    config, run = start_run(run_config)
+    config, run, _ = start_run(run_config)
     for server_round in (1, 2):
         run.history.append({"round": server_round, "train_loss": 1.0})
     RoundRecorder(config, run, build_strategy(config.strategy)).save(2, ArrayRecord(run.adapter))
@@ -191,7 +191,7 @@ def test_broken_newest_checkpoint_is_refused_not_skipped(saved):
 
 def test_checkpoint_of_another_run_is_refused(saved, tiny_model, tmp_path):
     run_config, results, run_dir = saved
-    other_config, other_run = start_run({**run_config, "output.dir": str(tmp_path / "other")})
+    other_config, other_run, _ = start_run({**run_config, "output.dir": str(tmp_path / "other")})
     other_run.history.append({"round": 3})
     recorder = RoundRecorder(other_config, other_run, build_strategy(other_config.strategy))
     recorder.save(3, ArrayRecord(other_run.adapter))
@@ -227,7 +227,7 @@ def test_resume_with_a_different_dataset_is_refused(saved, tmp_path):
 def test_resume_of_a_completed_run_is_refused(saved, tiny_model, tmp_path):
     run_config, _, _ = saved
     done_config = {**run_config, "num-server-rounds": 2, "output.dir": str(tmp_path / "done")}
-    config, run = start_run(done_config)
+    config, run, _ = start_run(done_config)
     RoundRecorder(config, run, build_strategy(config.strategy)).save(2, ArrayRecord(run.adapter))
     assert_refused({**done_config, "resume.from": str(run.run_dir)},
                    r"newest checkpoint is round 2 of 2, the run is already complete", tmp_path / "done")

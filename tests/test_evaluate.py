@@ -227,8 +227,8 @@ def test_adapter_for_another_base_model_is_refused(tiny_model, tmp_path):
 def test_server_side_fast_eval_adds_eval_metrics_to_the_round_record(tiny_model, eval_data, tmp_path):
     overrides = {"eval.every-rounds": 2, "eval.num-examples": 3, "eval.data-dir": str(eval_data),
                  "num-server-rounds": 4}
-    config, run = start_run(smoke_config(tiny_model, tmp_path / "results", **overrides))
-    evaluator = ServerEvaluator(config)
+    config, run, evaluator = start_run(smoke_config(tiny_model, tmp_path / "results", **overrides))
+    assert isinstance(evaluator, ServerEvaluator)
     assert [evaluator.due(r) for r in (1, 2, 3, 4)] == [False, True, False, True]
     assert [len(s.prompts) for s in evaluator.sets] == [3, 3, 3]
     strategy = build_strategy(config.strategy)

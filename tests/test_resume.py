@@ -180,7 +180,7 @@ def test_killed_run_resumes_to_the_same_rounds_and_adapter(tiny_model, flwr_env,
 def test_resume_restarts_metrics_from_the_checkpoint_and_keeps_the_lines_ahead(tiny_model, tmp_path):
     """In-process: the newest checkpoint is complete but metrics.jsonl is a round ahead of it."""
     run_config = smoke_config(tiny_model, tmp_path / "results", **CONFIG)
-    config, run = start_run(run_config)
+    config, run, _ = start_run(run_config)
     recorder = RoundRecorder(config, run, build_strategy(config.strategy))
     for server_round in (1, 2, 3):
         record = {"round": server_round, "train_loss": 1.0 / server_round}
@@ -190,7 +190,7 @@ def test_resume_restarts_metrics_from_the_checkpoint_and_keeps_the_lines_ahead(t
             recorder.save(2, ArrayRecord(run.adapter))
     ahead = (run.run_dir / "metrics.jsonl").read_text()
 
-    _, resumed = start_run({**run_config, "resume.from": str(run.run_dir)})
+    _, resumed, _ = start_run({**run_config, "resume.from": str(run.run_dir)})
     assert resumed.run_dir == run.run_dir and resumed.start_round == 2
     assert resumed.run_uid == run.run_uid
     assert [r["round"] for r in read_metrics(run.run_dir)] == [1, 2]
