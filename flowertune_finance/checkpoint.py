@@ -149,6 +149,11 @@ def resume_checkpoint(run_dir: str | Path) -> Checkpoint:
     Unlike `latest_checkpoint`, a broken newest checkpoint is an error rather than skipped:
     the resumed run would otherwise reach that round and find the name taken, hours later.
     """
+    if CHECKPOINT_PATTERN.match(Path(run_dir).name) or (Path(run_dir) / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(
+            f"resume.from = {str(run_dir)!r} is a checkpoint folder; pass the run folder that holds it "
+            f"({str(Path(run_dir).parent)!r}): a run resumes from its newest complete checkpoint"
+        )
     candidates = checkpoint_folders(run_dir)
     if not candidates:
         raise CheckpointError(

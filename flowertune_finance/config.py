@@ -1,28 +1,33 @@
-"""One typed, validated view of the run config, built once at the edge of each app.
+"""The run config, declared once: every key with its default, check and help, typed by OmegaConf.
 
-`context.run_config` is a flat mapping of dotted keys (``model.lora.peft-lora-r``). Both
-apps turn it into an `AppConfig` with `parse_run_config` before they load anything, so a
-typo or an out-of-range value stops the run with a message naming the key, instead of
-surfacing after a 7B model has been loaded.
+`context.run_config` is a flat mapping of dotted keys (``model.lora.peft-lora-r``). Each key is
+a field of the dataclasses below, declared with `setting(...)`: its run-config key, default,
+allowed values and help text live in that one place. `parse_run_config` turns the flat
+mapping into the typed `AppConfig` (OmegaConf structured config: defaults merged, types
+enforced), runs the checks, and builds the run's `trl.SFTConfig` once, so a typo or an
+out-of-range value stops the run with a message naming the key before anything is loaded.
+The README's table (`settings_table`) and `pyproject.toml`'s defaults are tested against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 QUANTIZATIONS = (0, 4, 8)
+COMPUTE_DTYPES = ("float32", "bfloat16")
 PROMPT_FORMATS = ("alpaca", "answer")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 TRANSPORT_DTYPES = ("float32", "float16")
 TRAINING_ARGUMENTS_PREFIX = "train.training-arguments."
-
-# Training arguments the app sets itself each round; a value in the run config is ignored
-# (upstream's template ships `output-dir = ""` and `learning-rate = ""` for this reason).
-APP_OWNED_TRAINING_ARGUMENTS = ("output_dir", "learning_rate")
 
 
 class ConfigError(ValueError):
@@ -30,77 +35,123 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Base model and LoRA adapter settings (everything that changes the model's shape)."""
+class Spec:
+    """What the run config says about one field: its key, what is allowed, and why it exists."""
 
-    name: str = "mistralai/Mistral-7B-v0.3"
-    quantization: int = 4
-    gradient_checkpointing: bool = True
-    lora_r: int = 32
-    lora_alpha: int = 64
-    lora_dropout: float = 0.075
+    key: str
+    help: str
+    allowed: str
+    check: Callable[[Any], bool] | None = None
+
+
+def setting(key: str, default: Any, help: str, allowed: str = "", check: Callable[[Any], bool] | None = None) -> Any:
+    """A dataclass field that is also a run-config key."""
+    return field(default=default, metadata={"spec": Spec(key, help, allowed or _allowed_for(default), check)})
+
+
+def _allowed_for(default: Any) -> str:
+    return "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+
+
+def one_of(values: tuple) -> tuple[str, Callable[[Any], bool]]:
+    names = [str(v) for v in values]
+    return f"{', '.join(names[:-1])} or {names[-1]}", values.__contains__
+
+
+def at_least(low: float, strict: bool = False) -> tuple[str, Callable[[Any], bool]]:
+    return (f"a number > {low}", lambda v: v > low) if strict else (f"a number >= {low}", lambda v: v >= low)
+
+
+def below_one() -> tuple[str, Callable[[Any], bool]]:
+    return "0 <= value < 1", lambda v: 0 <= v < 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model and LoRA adapter (everything that changes the model's shape or arithmetic)."""
+
+    name: str = setting("model.name", "mistralai/Mistral-7B-v0.3",
+                        "hub id or local model folder (any causal LM: Mistral, Llama, Qwen2, ...)",
+                        "a hub id or a local model folder", bool)
+    quantization: int = setting("model.quantization", 4, "bitsandbytes 4- or 8-bit; 0 = none (CPU runs)",
+                                *one_of(QUANTIZATIONS))
+    gradient_checkpointing: bool = setting("model.gradient-checkpointing", True,
+                                           "recompute activations in the backward pass (less memory)")
+    lora_r: int = setting("model.lora.peft-lora-r", 32, "LoRA rank (PEFT's default target modules)",
+                          *at_least(0, strict=True))
+    lora_alpha: int = setting("model.lora.peft-lora-alpha", 64, "LoRA alpha", *at_least(0, strict=True))
+    lora_dropout: float = setting("model.lora.peft-lora-dropout", 0.075, "LoRA dropout", *below_one())
+    compute_dtype: str = setting(
+        "model.compute-dtype", "float32",
+        "what the base layers compute in: float32 is the reference's 4-bit compute; bfloat16 is faster on a GPU",
+        *one_of(COMPUTE_DTYPES))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Client-side training settings."""
+    """Client-side training."""
 
-    save_every_round: int = 5
-    dynamic_data_seed: bool = False
-    learning_rate_max: float = 5e-5
-    learning_rate_min: float = 1e-6
-    seq_length: int = 512
-    prompt_format: str = "alpaca"
-    transport_dtype: str = "float32"
-    # Keep the base model + LoRA wrapper in the worker between client calls; False rebuilds
-    # it every call like the upstream template (for before/after benchmarks; same results).
-    cache_base_model: bool = True
-    training_arguments: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.training_arguments.get("per_device_train_batch_size", 16))
-
-    @property
-    def max_steps(self) -> int:
-        return int(self.training_arguments.get("max_steps", 10))
-
-    @property
-    def examples_per_round(self) -> int:
-        """Examples one client consumes in one round: steps x batch x accumulation."""
-        accumulation = int(self.training_arguments.get("gradient_accumulation_steps", 1))
-        return self.max_steps * self.batch_size * accumulation
+    save_every_round: int = setting("train.save-every-round", 5,
+                                    "checkpoint interval (the last round is always saved)", *at_least(1))
+    dynamic_data_seed: bool = setting(
+        "train.dynamic-data-seed", False,
+        "true: the trainer's data seed is seed + round - 1, a new shuffle of the partition each round (as upstream)")
+    learning_rate_max: float = setting("train.learning-rate-max", 5e-5,
+                                       "cosine annealing over rounds from this, constant within a round",
+                                       *at_least(0, strict=True))
+    learning_rate_min: float = setting("train.learning-rate-min", 1e-6, "... down to this in the last round",
+                                       *at_least(0))
+    seq_length: int = setting("train.seq-length", 512, "tokens per example (prompt and label)",
+                              *at_least(0, strict=True))
+    prompt_format: str = setting("train.prompt-format", "alpaca",
+                                 "alpaca (the template's, token for token) or answer (the evaluation prompt + EOS)",
+                                 *one_of(PROMPT_FORMATS))
+    transport_dtype: str = setting("train.transport-dtype", "float32",
+                                   "float16 halves communication; aggregation stays fp32", *one_of(TRANSPORT_DTYPES))
+    cache_base_model: bool = setting("train.cache-base-model", True,
+                                     "false rebuilds the base model every client call, as upstream (benchmarks)")
+    # `train.training-arguments.*`, passed to trl.SFTConfig (see `training_arguments`)
+    training_arguments: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Server-side aggregation settings."""
+    """Server-side aggregation."""
 
-    name: str = "fedavg"
-    fraction_train: float = 0.1
-    fraction_evaluate: float = 0.0
-    # FedProx: weight of the proximal term mu/2 * ||w - w_global||^2 the clients add to their loss.
-    proximal_mu: float = 0.01
-    # FedAvgM: server step on the averaged update (1.0 = take it whole) and its momentum.
-    fedavgm_server_learning_rate: float = 1.0
-    fedavgm_server_momentum: float = 0.9
-    # FedAdam: Adam on the server with the averaged update as pseudo-gradient. Its step per
-    # element is about eta whatever the update's size, so eta must be of the order of a
-    # client's own per-round LoRA change (not Flower's 0.1, which would wreck an adapter);
-    # tau damps elements that barely move.
-    fedadam_eta: float = 1e-3
-    fedadam_beta_1: float = 0.9
-    fedadam_beta_2: float = 0.99
-    fedadam_tau: float = 1e-3
+    name: str = setting("strategy.name", "fedavg", "Flower's own strategy", *one_of(STRATEGIES))
+    fraction_train: float = setting("strategy.fraction-train", 0.1, "share of SuperNodes that train each round",
+                                    "0 < fraction <= 1", lambda v: 0 < v <= 1)
+    fraction_evaluate: float = setting("strategy.fraction-evaluate", 0.0, "share of SuperNodes asked to evaluate",
+                                       "0 <= fraction <= 1", lambda v: 0 <= v <= 1)
+    max_skipped_rounds: int = setting(
+        "strategy.max-skipped-rounds", 3,
+        "stop the run (failed) after this many rounds in a row with no accepted reply; the first round: at once",
+        *at_least(1))
+    proximal_mu: float = setting("strategy.proximal-mu", 0.01, "fedprox: weight of the proximal term",
+                                 *at_least(0))
+    fedavgm_server_learning_rate: float = setting("strategy.fedavgm.server-learning-rate", 1.0,
+                                                  "fedavgm: server step on the averaged update",
+                                                  *at_least(0, strict=True))
+    fedavgm_server_momentum: float = setting("strategy.fedavgm.server-momentum", 0.9, "fedavgm: momentum",
+                                             *below_one())
+    # FedAdam's step per element is about eta whatever the update's size, so eta must be of the
+    # order of a client's per-round LoRA change (not Flower's 0.1, which would wreck an adapter).
+    fedadam_eta: float = setting("strategy.fedadam.eta", 1e-3, "fedadam: server step size",
+                                 *at_least(0, strict=True))
+    fedadam_beta_1: float = setting("strategy.fedadam.beta-1", 0.9, "fedadam: first-moment decay", *below_one())
+    fedadam_beta_2: float = setting("strategy.fedadam.beta-2", 0.99, "fedadam: second-moment decay", *below_one())
+    fedadam_tau: float = setting("strategy.fedadam.tau", 1e-3, "fedadam: damping of elements that barely move",
+                                 *at_least(0, strict=True))
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Optional server-side fast evaluation during training (off by default)."""
 
-    every_rounds: int = 0
-    num_examples: int = 64
-    data_dir: str = ""
+    every_rounds: int = setting("eval.every-rounds", 0, "fast-mode accuracy every N rounds; 0 = off", *at_least(0))
+    num_examples: int = setting("eval.num-examples", 64, "examples per set for that evaluation", *at_least(1))
+    data_dir: str = setting("eval.data-dir", "", "save_to_disk folders of the three sets (offline), or empty",
+                            "a folder of save_to_disk data sets, or empty")
 
 
 @dataclass(frozen=True)
@@ -111,11 +162,13 @@ class AppConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    num_server_rounds: int = 200
-    dataset_name: str = "flwrlabs/fingpt-sentiment-train"
-    dataset_path: str = ""
-    output_dir: str = "results"
-    resume_from: str = ""
+    num_server_rounds: int = setting("num-server-rounds", 200, "federated rounds", *at_least(1))
+    dataset_name: str = setting("static.dataset.name", "flwrlabs/fingpt-sentiment-train",
+                                "fixed by the leaderboard (the static section)", "a hub data set id", bool)
+    dataset_path: str = setting("dataset.path", "", "a local JSON/JSONL/Parquet file in the fingpt schema instead "
+                                "of the hub data", "a local .json, .jsonl or .parquet file, or empty")
+    output_dir: str = setting("output.dir", "results", "where run folders are created", "a folder path", bool)
+    resume_from: str = setting("resume.from", "", "a run folder to continue", "a run folder such as results/<run>")
 
     def defining_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (stored in every checkpoint)."""
@@ -128,137 +181,88 @@ class AppConfig:
         }
 
 
-def _positive(value: float) -> bool:
-    return value > 0
+@dataclass(frozen=True)
+class Setting:
+    """A declared key: where it lives in `AppConfig`, its type and default, and its `Spec`."""
+
+    path: str  # attribute path in AppConfig, e.g. "model.lora_r"
+    type: type
+    default: Any
+    spec: Spec
 
 
-def _fraction(value: float) -> bool:
-    return 0 < value <= 1
+def _declared(cls: type, prefix: str = "") -> dict[str, Setting]:
+    found: dict[str, Setting] = {}
+    for item in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(item.default_factory):
+            found.update(_declared(item.default_factory, f"{prefix}{item.name}."))
+        elif "spec" in item.metadata:
+            found[item.metadata["spec"].key] = Setting(
+                f"{prefix}{item.name}", type(item.default), item.default, item.metadata["spec"])
+    return found
 
 
-def _fraction_or_zero(value: float) -> bool:
-    return 0 <= value <= 1
+SETTINGS: dict[str, Setting] = _declared(AppConfig)
 
 
-def _non_negative(value: float) -> bool:
-    return value >= 0
-
-
-# key -> (section, field, type, check, what is allowed)
-_Check = Callable[[Any], bool] | None
-_KEYS: dict[str, tuple[str, str, type, _Check, str]] = {
-    "model.name": ("model", "name", str, bool, "a hub id or a local model folder"),
-    "model.quantization": ("model", "quantization", int, QUANTIZATIONS.__contains__, "0, 4 or 8"),
-    "model.gradient-checkpointing": ("model", "gradient_checkpointing", bool, None, "true or false"),
-    "model.lora.peft-lora-r": ("model", "lora_r", int, _positive, "an integer > 0"),
-    "model.lora.peft-lora-alpha": ("model", "lora_alpha", int, _positive, "an integer > 0"),
-    "model.lora.peft-lora-dropout": ("model", "lora_dropout", float, lambda v: 0 <= v < 1, "0 <= dropout < 1"),
-    "train.save-every-round": ("train", "save_every_round", int, _positive, "an integer >= 1"),
-    "train.dynamic-data-seed": ("train", "dynamic_data_seed", bool, None, "true or false"),
-    "train.learning-rate-max": ("train", "learning_rate_max", float, _positive, "a number > 0"),
-    "train.learning-rate-min": ("train", "learning_rate_min", float, _non_negative, "a number >= 0"),
-    "train.seq-length": ("train", "seq_length", int, _positive, "an integer > 0"),
-    "train.prompt-format": ("train", "prompt_format", str, PROMPT_FORMATS.__contains__, " or ".join(PROMPT_FORMATS)),
-    "train.transport-dtype": ("train", "transport_dtype", str, TRANSPORT_DTYPES.__contains__, " or ".join(TRANSPORT_DTYPES)),
-    "train.cache-base-model": ("train", "cache_base_model", bool, None, "true or false"),
-    "strategy.name": ("strategy", "name", str, STRATEGIES.__contains__, ", ".join(STRATEGIES)),
-    "strategy.fraction-train": ("strategy", "fraction_train", float, _fraction, "0 < fraction <= 1"),
-    "strategy.fraction-evaluate": ("strategy", "fraction_evaluate", float, _fraction_or_zero, "0 <= fraction <= 1"),
-    "strategy.proximal-mu": ("strategy", "proximal_mu", float, _non_negative, "a number >= 0"),
-    "strategy.fedavgm.server-learning-rate": (
-        "strategy", "fedavgm_server_learning_rate", float, _positive, "a number > 0"),
-    "strategy.fedavgm.server-momentum": (
-        "strategy", "fedavgm_server_momentum", float, lambda v: 0 <= v < 1, "0 <= momentum < 1"),
-    "strategy.fedadam.eta": ("strategy", "fedadam_eta", float, _positive, "a number > 0"),
-    "strategy.fedadam.beta-1": ("strategy", "fedadam_beta_1", float, lambda v: 0 <= v < 1, "0 <= beta < 1"),
-    "strategy.fedadam.beta-2": ("strategy", "fedadam_beta_2", float, lambda v: 0 <= v < 1, "0 <= beta < 1"),
-    "strategy.fedadam.tau": ("strategy", "fedadam_tau", float, _positive, "a number > 0"),
-    "eval.every-rounds": ("eval", "every_rounds", int, _non_negative, "0 (off) or an integer >= 1"),
-    "eval.num-examples": ("eval", "num_examples", int, _positive, "an integer >= 1"),
-    "eval.data-dir": ("eval", "data_dir", str, None, "a folder of save_to_disk data sets, or empty"),
-    "num-server-rounds": ("", "num_server_rounds", int, _positive, "an integer >= 1"),
-    "static.dataset.name": ("", "dataset_name", str, bool, "a hub data set id"),
-    "dataset.path": ("", "dataset_path", str, None, "a local JSON/JSONL/Parquet file, or empty"),
-    "output.dir": ("", "output_dir", str, bool, "a folder path"),
-    "resume.from": ("", "resume_from", str, None, "a run folder such as results/<run>, or empty"),
-}
-
-# Upstream keys passed to the trainer as they are; validated against SFTConfig's fields.
-_INT_TRAINING_ARGUMENTS = {
-    "per_device_train_batch_size": "an integer >= 1",
-    "gradient_accumulation_steps": "an integer >= 1",
-    "max_steps": "an integer >= 1",
-    "logging_steps": "an integer >= 1",
-}
-
-
-def _coerce(key: str, value: Any, type_: type, allowed: str) -> Any:
-    """Return `value` as `type_`, or raise a ConfigError naming the key."""
-    if type_ is float and isinstance(value, int) and not isinstance(value, bool):
+def _typed(key: str, value: Any, setting_: Setting) -> Any:
+    """`value` as the setting's type, or a ConfigError naming the key (no string-to-number guessing)."""
+    expected = setting_.type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if type_ is not bool and isinstance(value, bool) or not isinstance(value, type_):
-        raise ConfigError(
-            f"run config '{key}' = {value!r} has type {type(value).__name__}; expected {type_.__name__} ({allowed})"
-        )
+    if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+        raise ConfigError(f"run config '{key}' = {value!r} has type {type(value).__name__}; "
+                          f"expected {expected.__name__} ({setting_.spec.allowed})")
     return value
 
 
-def _training_arguments(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Collect `train.training-arguments.*` as snake_case keyword arguments for SFTConfig."""
-    from trl import SFTConfig  # deferred: trl imports torch, keep `config` light to import
-
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
-    arguments: dict[str, Any] = {}
-    for key, value in run_config.items():
-        if not key.startswith(TRAINING_ARGUMENTS_PREFIX):
-            continue
-        name = key[len(TRAINING_ARGUMENTS_PREFIX):].replace("-", "_")
-        if name not in known:
-            raise ConfigError(
-                f"run config '{key}' is not a training argument of trl.SFTConfig; "
-                "see https://huggingface.co/docs/trl/sft_trainer for the allowed names"
-            )
-        if name in _INT_TRAINING_ARGUMENTS:
-            value = _coerce(key, value, int, _INT_TRAINING_ARGUMENTS[name])
-            if value < 1:
-                raise ConfigError(f"run config '{key}' = {value!r} is out of range; allowed: {_INT_TRAINING_ARGUMENTS[name]}")
-        if name not in APP_OWNED_TRAINING_ARGUMENTS:
-            arguments[name] = value
-    return arguments
+def unknown_key_error(key: str) -> ConfigError:
+    """An unknown key, named with the closest declared one."""
+    close = difflib.get_close_matches(key, list(SETTINGS), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown run config key '{key}'{hint} (known keys: see docs/configuration.md, "
+                       f"or `flowertune-finance check-config`; training arguments go under {TRAINING_ARGUMENTS_PREFIX}*)")
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> AppConfig:
     """Build and validate an `AppConfig` from a flat Flower run config.
 
-    Keys left out keep the upstream defaults; unknown keys and bad values raise
+    Keys left out keep their declared defaults; unknown keys and bad values raise
     `ConfigError` naming the key, its value and what is allowed.
     """
-    sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "strategy": {}, "eval": {}, "": {}}
+    from flowertune_finance.training_arguments import check_training_arguments, collect_training_arguments
+
+    overrides = OmegaConf.create()
     for key, value in run_config.items():
         if key.startswith(TRAINING_ARGUMENTS_PREFIX):
             continue
-        if key not in _KEYS:
-            allowed = ", ".join(k for k in _KEYS if not k.startswith("static."))
-            raise ConfigError(f"unknown run config key '{key}'; known keys: {allowed}, {TRAINING_ARGUMENTS_PREFIX}*")
-        section, name, type_, check, allowed = _KEYS[key]
-        value = _coerce(key, value, type_, allowed)
-        if check is not None and not check(value):
-            raise ConfigError(f"run config '{key}' = {value!r} is not allowed; allowed: {allowed}")
-        sections[section][name] = value
-
-    train = TrainConfig(**sections["train"], training_arguments=_training_arguments(run_config))
-    if train.learning_rate_min > train.learning_rate_max:
+        if key not in SETTINGS:
+            raise unknown_key_error(key)
+        declared = SETTINGS[key]
+        value = _typed(key, value, declared)
+        if declared.spec.check is not None and not declared.spec.check(value):
+            raise ConfigError(f"run config '{key}' = {value!r} is not allowed; allowed: {declared.spec.allowed}")
+        if key == "model.name" and len(value) > 1 and looks_like_path(value):
+            value = value.rstrip("/")  # "models/x/" and "models/x" are one model (on resume too)
+        OmegaConf.update(overrides, declared.path, value)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(AppConfig), overrides)
+        config: AppConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:  # the checks above make this a safety net
+        raise ConfigError(f"run config rejected: {error}") from error
+    if config.train.learning_rate_min > config.train.learning_rate_max:
         raise ConfigError(
-            f"run config 'train.learning-rate-min' = {train.learning_rate_min} exceeds "
-            f"'train.learning-rate-max' = {train.learning_rate_max}; the minimum must be <= the maximum"
+            f"run config 'train.learning-rate-min' = {config.train.learning_rate_min} exceeds "
+            f"'train.learning-rate-max' = {config.train.learning_rate_max}; the minimum must be <= the maximum"
         )
-    return AppConfig(
-        model=ModelConfig(**sections["model"]),
-        train=train,
-        strategy=StrategyConfig(**sections["strategy"]),
-        eval=EvalConfig(**sections["eval"]),
-        **sections[""],
-    )
+    train = dataclasses.replace(config.train, training_arguments=collect_training_arguments(run_config))
+    check_training_arguments(train)
+    return dataclasses.replace(config, train=train)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `model.name` names a folder (path-like, or an existing folder) rather than a hub id."""
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().is_dir()
 
 
 def check_local_paths(config: AppConfig, on_server: bool = True) -> None:
@@ -278,3 +282,12 @@ def check_local_paths(config: AppConfig, on_server: bool = True) -> None:
         )
     if on_server and config.eval.data_dir and not Path(config.eval.data_dir).expanduser().is_dir():
         raise ConfigError(f"run config 'eval.data-dir' = {config.eval.data_dir!r}: no such folder")
+
+
+def settings_table() -> str:
+    """The Markdown table of every key (docs/configuration.md holds it; a test keeps them equal)."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for key, declared in SETTINGS.items():
+        default = json.dumps(declared.default)
+        rows.append(f"| `{key}` | `{default}` | {declared.spec.allowed} | {declared.spec.help} |")
+    return "\n".join(rows)

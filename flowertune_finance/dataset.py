@@ -2,13 +2,15 @@
 
 The training prompt matters for the score: the leaderboard asks
 ``Instruction: ...\\nInput: ...\\nAnswer: `` and reads the text generated after it. The
-``answer`` format trains on exactly that prompt, token for token; ``alpaca`` is the
-upstream template's prompt, kept as the default for comparability.
+``answer`` format trains on exactly that prompt, token for token, and closes the label with
+EOS; ``alpaca`` (the default) is the reference template's example, token for token: its
+text, BOS and no EOS, loss on the tokens after ``### Response:``.
 """
 
 from __future__ import annotations
 
-import random
+import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,10 @@ from datasets import Dataset
 REQUIRED_COLUMNS = ("instruction", "input", "output")
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-PARTITION_SEED = 42  # Flower Datasets' IidPartitioner shuffles with this seed by default
+RESPONSE_TEMPLATE = "\n### Response:"  # the reference's completion-only collator masks up to its last match
+SENTIMENTS = ("positive", "negative", "neutral")
+GRADES = ("", "mildly ", "moderately ", "strong ", "strongly ")
+KNOWN_LABELS = frozenset(grade + sentiment for grade in GRADES for sentiment in SENTIMENTS)
 
 
 class DataError(ValueError):
@@ -32,6 +37,7 @@ def format_prompt(instruction: str, text: str, prompt_format: str = "alpaca") ->
     as the leaderboard feeds it; `alpaca` folds the input into the instruction like the
     upstream template and ends with "### Response:".
     """
+    text = text or ""  # a null input is an empty one, as the leaderboard's prompt builder treats it
     if prompt_format == "answer":
         return f"Instruction: {instruction}\nInput: {text}\nAnswer: "
     if prompt_format == "alpaca":
@@ -60,36 +66,91 @@ def _check_columns(columns: Sequence[str], source: str) -> None:
         )
 
 
-def bad_rows(dataset: Dataset) -> list[int]:
-    """Indices of rows whose instruction or output is null or blank (input may be empty)."""
-    return [
-        i
-        for i, (instruction, output) in enumerate(zip(dataset["instruction"], dataset["output"]))
-        if not (isinstance(instruction, str) and instruction.strip() and isinstance(output, str) and output.strip())
-    ]
+def row_problem(instruction: Any, text: Any, output: Any) -> str | None:
+    """Why a row cannot be trained on, or None. A null input counts as empty (allowed)."""
+    for column, value in (("instruction", instruction), ("output", output)):
+        if value is None or isinstance(value, str) and not value.strip():
+            return f"an empty {column}"
+        if not isinstance(value, str):
+            return f"{column} = {value!r} is not text"
+    if text is not None and not isinstance(text, str):
+        return f"input = {text!r} is not text"
+    return None
 
 
-def validate_data_file(path: str | Path, setting: str = "run config 'dataset.path'") -> int:
-    """Check a local data file before any training: it exists, parses, has the fingpt columns
-    and no blank instruction/output. Returns the number of rows. `setting` names where the
-    path came from, for the error message."""
+def bad_rows(dataset: Dataset) -> list[tuple[int, str]]:
+    """(index, problem) of every row that cannot be trained on."""
+    rows = zip(*(dataset[column] for column in REQUIRED_COLUMNS))
+    return [(i, problem) for i, row in enumerate(rows) if (problem := row_problem(*row))]
+
+
+def _check_utf8(path: Path) -> None:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        data = path.read_bytes()
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"data file {str(path)!r} is not UTF-8 text: byte 0x{data[error.start]:02x} on line {line}; "
+            "save it as UTF-8"
+        ) from None
+
+
+def _json_rows(path: Path) -> list[Any]:
+    """The rows of a JSON array or JSON Lines file, read with Python's json so that a value of the
+    wrong type is reported by row instead of as an Arrow schema error."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise DataError(f"data file {str(path)!r} is not valid JSON/JSON Lines: {error}") from None
+
+
+def validate_data_file(path: str | Path, setting: str = "run config 'dataset.path'") -> Dataset:
+    """Check a local data file before any training: it exists, is UTF-8, parses, has the fingpt
+    columns and only rows that can be trained on. Returns the data. `setting` names where the path
+    came from, for the error message."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist (set by {setting})")
+    builder = _builder(path)
+    if builder == "json":
+        _check_utf8(path)
+        rows = _json_rows(path)
+        if not all(isinstance(row, dict) for row in rows):
+            raise DataError(f"data file {str(path)!r}: every row must be a JSON object with {', '.join(REQUIRED_COLUMNS)}")
+        _check_columns(sorted({key for row in rows for key in row}), str(path))
+        _raise_for_bad_rows(path, [(i, p) for i, row in enumerate(rows) if (p := row_problem(*_values(row)))])
     try:
-        dataset = Dataset.from_json(str(path)) if _builder(path) == "json" else Dataset.from_parquet(str(path))
-    except DataError:
-        raise
+        dataset = Dataset.from_json(str(path)) if builder == "json" else Dataset.from_parquet(str(path))
     except Exception as error:  # datasets raises several types for unreadable files
-        raise DataError(f"data file {str(path)!r} could not be read as {_builder(path)}: {error}") from error
+        raise DataError(f"data file {str(path)!r} could not be read as {builder}: {error}") from error
     _check_columns(dataset.column_names, str(path))
-    rows = bad_rows(dataset)
-    if rows:
+    _raise_for_bad_rows(path, bad_rows(dataset))
+    return dataset
+
+
+def _values(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row.get(column) for column in REQUIRED_COLUMNS)
+
+
+def _raise_for_bad_rows(path: Path, problems: list[tuple[int, str]]) -> None:
+    if problems:
+        index, problem = problems[0]
         raise DataError(
-            f"data file {str(path)!r} has {len(rows)} row(s) with an empty instruction or output, "
-            f"first at row {rows[0]} (0-based); fix or remove them"
+            f"data file {str(path)!r} has {len(problems)} row(s) that cannot be trained on, first at row {index} "
+            f"(0-based): {problem}; fix or remove them"
         )
-    return len(dataset)
+
+
+def label_report(outputs: Sequence[str]) -> tuple[str, list[str]]:
+    """A one-line label distribution, and the labels outside the sentiment vocabulary (typos such
+    as `postive` train the model to say them)."""
+    counts = Counter(output.strip() for output in outputs)
+    line = ", ".join(f"{label} {count}" for label, count in counts.most_common())
+    return line, sorted(label for label in counts if label.lower() not in KNOWN_LABELS)
 
 
 # Per-process cache: one FederatedDataset per data source and partition count. Flower
@@ -120,9 +181,14 @@ def load_partition(partition_id: int, num_partitions: int, dataset_name: str, da
         _FEDERATED_DATASETS[key] = source
     partition = _FEDERATED_DATASETS[key].load_partition(partition_id, "train")
     _check_columns(partition.column_names, dataset_path or dataset_name)
-    rows = set(bad_rows(partition))
+    rows = {index for index, _ in bad_rows(partition)}
     if rows:
         partition = partition.select(i for i in range(len(partition)) if i not in rows)
+    if len(partition) == 0:
+        raise DataError(
+            f"partition {partition_id} of {num_partitions} is empty: the data has fewer usable rows than "
+            "partitions (SuperNodes); use more data or fewer SuperNodes"
+        )
     return partition
 
 
@@ -137,7 +203,7 @@ def load_tokenizer(model_name: str):
 
 
 def tokenize_example(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
-    """Token ids and completion mask for one prompt/completion pair.
+    """Token ids and completion mask for one prompt/completion pair of the `answer` format.
 
     The prompt is tokenized on its own, exactly as an evaluator tokenizes it, so the
     context the model learns to continue is the context it is scored on. The completion
@@ -157,35 +223,45 @@ def tokenize_example(tokenizer, prompt: str, completion: str) -> dict[str, list[
     }
 
 
+def tokenize_alpaca_example(tokenizer, text: str, seq_length: int) -> dict[str, list[int]]:
+    """The reference template's example: `text` tokenized whole (BOS, no EOS), truncated to
+    `seq_length`, with loss on the tokens after the last match of the response template's ids
+    (`encode("\\n### Response:")[2:]`, as its completion-only collator does); none if it is cut off."""
+    ids = tokenizer(text)["input_ids"][:seq_length]
+    template = tokenizer.encode(RESPONSE_TEMPLATE, add_special_tokens=False)[2:]
+    starts = [i for i in range(len(ids) - len(template) + 1) if ids[i:i + len(template)] == template]
+    end = starts[-1] + len(template) if starts else len(ids)
+    return {"input_ids": ids, "completion_mask": [0] * end + [1] * (len(ids) - end)}
+
+
+def tokenize_row(tokenizer, row: dict[str, Any], prompt_format: str, seq_length: int) -> dict[str, list[int]]:
+    """One data row as trainer-ready ids and completion mask, in the run's prompt format."""
+    prompt = format_prompt(row["instruction"], row["input"], prompt_format)
+    completion = format_completion(row["output"], prompt_format)
+    if prompt_format == "alpaca":
+        return tokenize_alpaca_example(tokenizer, prompt + completion, seq_length)
+    return {key: ids[:seq_length] for key, ids in tokenize_example(tokenizer, prompt, completion).items()}
+
+
 def tokenize_partition(partition: Dataset, tokenizer, prompt_format: str, seq_length: int) -> Dataset:
-    """Pre-tokenized prompt/completion examples in the shape TRL's SFTTrainer accepts."""
-
-    def tokenize(row: dict[str, str]) -> dict[str, list[int]]:
-        prompt = format_prompt(row["instruction"], row["input"], prompt_format)
-        example = tokenize_example(tokenizer, prompt, format_completion(row["output"], prompt_format))
-        return {key: ids[:seq_length] for key, ids in example.items()}
-
-    return partition.map(tokenize, remove_columns=partition.column_names)
+    """Pre-tokenized examples in the shape TRL's SFTTrainer accepts (`input_ids`, `completion_mask`)."""
+    return partition.map(
+        lambda row: tokenize_row(tokenizer, row, prompt_format, seq_length), remove_columns=partition.column_names
+    )
 
 
-def round_indices(num_examples: int, examples_per_round: int, server_round: int, dynamic: bool) -> list[int]:
-    """Which examples of a partition a client trains on in `server_round`.
-
-    The partition is walked in a seeded random order. With `dynamic` off (upstream's
-    default) every round takes the same first window; with it on, round r takes the
-    r-th window, so successive rounds cover the whole partition before any example
-    repeats, and each pass uses a fresh order. Stateless, so a resumed run draws the same
-    data as an uninterrupted one.
-    """
-    if num_examples < 1:
-        raise DataError("the partition is empty; use fewer partitions or more data")
-    start = (server_round - 1) * examples_per_round if dynamic else 0
-    orders: dict[int, list[int]] = {}
-    indices = []
-    for position in range(start, start + examples_per_round):
-        epoch = position // num_examples
-        if epoch not in orders:
-            orders[epoch] = list(range(num_examples))
-            random.Random(PARTITION_SEED + epoch).shuffle(orders[epoch])
-        indices.append(orders[epoch][position % num_examples])
-    return indices
+def check_examples_fit(rows: Sequence[dict[str, Any]], tokenizer, prompt_format: str, seq_length: int) -> None:
+    """Fail when a row's label would be cut off by `train.seq-length` (it would train nothing),
+    naming the longest example and the value that fits."""
+    lengths = []
+    for row in rows:
+        full = tokenize_row(tokenizer, row, prompt_format, 10**9)
+        prompt_tokens = full["completion_mask"].index(1) if 1 in full["completion_mask"] else len(full["input_ids"])
+        lengths.append((len(full["input_ids"]), prompt_tokens))
+    longest, prompt_tokens = max(lengths)
+    if longest > seq_length:
+        raise DataError(
+            f"run config 'train.seq-length' = {seq_length} cuts the label off: the longest of {len(rows)} examples "
+            f"checked has a {prompt_tokens}-token prompt and {longest} tokens with its label "
+            f"(format {prompt_format!r}); set train.seq-length >= {longest}"
+        )

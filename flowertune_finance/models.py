@@ -29,8 +29,11 @@ def cosine_annealing(current_round: int, total_round: int, lrate_max: float, lra
 
 
 def use_cuda() -> bool:
-    """Train on the GPU (bf16) when there is one, else on the CPU in fp32."""
+    """Train on the GPU when there is one, else on the CPU."""
     return torch.cuda.is_available()
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def lora_config(model_config: ModelConfig) -> LoraConfig:
@@ -43,13 +46,13 @@ def lora_config(model_config: ModelConfig) -> LoraConfig:
     )
 
 
-def quantization_config(bits: int):
-    """bitsandbytes settings for 4-bit (NF4-free default, as upstream) or 8-bit; None for 0."""
+def quantization_config(bits: int, compute_dtype: str = "float32"):
+    """bitsandbytes settings: `load_in_4bit=True` (fp4, the reference's) with the configured
+    compute dtype (float32 is bitsandbytes' default and the reference's), or 8-bit; None for 0."""
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
-        compute_dtype = torch.bfloat16 if use_cuda() else torch.float32
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=DTYPES[compute_dtype])
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     if bits == 0:
@@ -57,16 +60,24 @@ def quantization_config(bits: int):
     raise ValueError(f"model.quantization = {bits!r} is not supported; allowed: 0, 4, 8")
 
 
+def load_dtype(model_config: ModelConfig) -> torch.dtype:
+    """The dtype the base weights are loaded in.
+
+    A quantized model loads in bf16 as the reference does (`prepare_model_for_kbit_training`
+    then casts every non-quantized weight to fp32); an unquantized one in its compute dtype.
+    """
+    return torch.bfloat16 if model_config.quantization else DTYPES[model_config.compute_dtype]
+
+
 def load_base_model(model_config: ModelConfig):
     """The base causal LM, quantized as configured, on the GPU if there is one."""
     from transformers import AutoModelForCausalLM
 
-    quantization = quantization_config(model_config.quantization)
     cuda = use_cuda()
     return AutoModelForCausalLM.from_pretrained(
         model_config.name,
-        quantization_config=quantization,
-        dtype=torch.bfloat16 if cuda else torch.float32,
+        quantization_config=quantization_config(model_config.quantization, model_config.compute_dtype),
+        dtype=load_dtype(model_config),
         device_map={"": 0} if cuda else None,
     )
 
@@ -85,7 +96,24 @@ def build_peft_model(model_config: ModelConfig) -> PeftModel:
     elif model_config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    if model_config.gradient_checkpointing:
+        model.config.use_cache = False  # as the reference: no KV cache while checkpointing activations
     return get_peft_model(model, lora_config(model_config))
+
+
+def keep_adapter_fp32(model: PeftModel) -> None:
+    """Undo TRL's cast of the trainable LoRA weights to bf16.
+
+    `SFTTrainer.__init__` converts every trainable weight of a quantized model to bf16 (QLoRA's
+    recipe). The reference (trl 0.8, peft 0.6) trains LoRA in fp32, and a bf16 weight rounds
+    the received global adapter and loses every Adam step below its half-ulp (~4e-5 at |w|
+    ~0.01). Called after the trainer is built and before the optimizer exists, so the master
+    weights and the optimizer state stay fp32; a bf16 `compute-dtype` or `bf16` training
+    argument still computes in bf16 (mixed precision).
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 # Per-worker cache, keyed by everything that changes the model (the ModelConfig is frozen

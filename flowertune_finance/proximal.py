@@ -32,8 +32,8 @@ def proximal_term(model: torch.nn.Module, reference: dict[str, torch.Tensor]) ->
 class ProximalSFTTrainer(SFTTrainer):
     """SFTTrainer whose training loss includes FedProx's proximal term.
 
-    The global weights are captured when the trainer is built, that is after the client
-    loaded the received adapter and before local training.
+    The global weights are captured when training starts, that is after the client loaded
+    the received adapter into the built trainer's model.
     """
 
     def __init__(self, *args, proximal_mu: float, **kwargs) -> None:
@@ -41,7 +41,16 @@ class ProximalSFTTrainer(SFTTrainer):
             raise ValueError(f"proximal-mu = {proximal_mu!r} is not allowed; allowed: a number >= 0")
         super().__init__(*args, **kwargs)
         self.proximal_mu = proximal_mu
+        self.global_weights: dict[str, torch.Tensor] = {}
+
+    def capture_global_weights(self) -> None:
+        """Remember the weights local training starts from (the received global adapter)."""
         self.global_weights = trainable_weights(self.model)
+
+    def train(self, *args, **kwargs):
+        if self.proximal_mu:
+            self.capture_global_weights()
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(

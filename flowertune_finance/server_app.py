@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from flowertune_finance.checkpoint import (
     write_run_config,
 )
 from flowertune_finance.config import AppConfig, check_local_paths, parse_run_config
-from flowertune_finance.dataset import validate_data_file
+from flowertune_finance.preflight import preflight
 from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB, METRICS_FILE, append_metrics, progress_line
 from flowertune_finance.models import cosine_annealing, initial_adapter
 from flowertune_finance.plots import plot_run
@@ -105,6 +106,10 @@ def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
     )
 
 
+class NoClientTrained(RuntimeError):
+    """No client reply was accepted in the run's first round or in too many rounds in a row."""
+
+
 class RoundRecorder:
     """Called by the strategy after every round: metrics line, progress, checkpoint."""
 
@@ -118,6 +123,7 @@ class RoundRecorder:
         self.started = time.time()
         self.elapsed_before = float(run.history[-1].get("elapsed_s", 0.0)) if run.history else 0.0
         self.round_ends = [self.started]
+        self.skipped_in_a_row = 0
 
     def __call__(self, current_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = current_round + self.run.start_round
@@ -133,9 +139,30 @@ class RoundRecorder:
             server_round, self.config.num_server_rounds, record["train_loss"], record["cumulative_mb"],
             COMMUNICATION_BUDGET_MB, self.eta_seconds(server_round),
         ))
+        self.apply_failure_policy(server_round, record["round_skipped"])
         if server_round % self.config.train.save_every_round == 0 or server_round == self.config.num_server_rounds:
             self.save(server_round, arrays)
         return None
+
+    def apply_failure_policy(self, server_round: int, skipped: bool) -> None:
+        """Stop the run (it ends `finished:failed`) when its first round, or
+        `strategy.max-skipped-rounds` rounds in a row, accepted no client reply: a run that
+        trains nothing must not end as a success. Nothing is saved for such a round, so the
+        last good checkpoint stays the newest."""
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        first_round = server_round == self.run.start_round + 1
+        if not skipped or not first_round and self.skipped_in_a_row < self.config.strategy.max_skipped_rounds:
+            return
+        problems = Counter()
+        for stats in list(self.strategy.rounds.values())[-self.skipped_in_a_row:]:
+            problems.update(stats.problems)
+        why = (f"round {server_round}, the first of this run," if first_round else
+               f"{self.skipped_in_a_row} rounds in a row (strategy.max-skipped-rounds = "
+               f"{self.config.strategy.max_skipped_rounds})")
+        lines = [f"{count} x {problem}" for problem, count in problems.most_common()] or ["no client replied"]
+        message = f"Stopping the run: {why} accepted no client reply. Client problems:\n  " + "\n  ".join(lines)
+        log(ERROR, "%s", message)
+        raise NoClientTrained(message)
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         """Server-side fast eval metrics (`eval_*`); a failure is logged and never stops training."""
@@ -196,14 +223,16 @@ class RoundRecorder:
         log(INFO, "Saved checkpoint %s", path)
 
 
-def start_run(run_config: Mapping[str, Any]) -> tuple[AppConfig, RunSetup, ServerEvaluator | None]:
-    """Everything before the first round, in the order that fails cheapest: config, paths,
-    data file, evaluation data (if server-side eval is on), then the new or resumed run
-    folder. Nothing is written until all checks pass."""
+def start_run(
+    run_config: Mapping[str, Any], num_partitions: int = 1
+) -> tuple[AppConfig, RunSetup, ServerEvaluator | None]:
+    """Everything before the first round, in the order that fails cheapest: config (training
+    arguments included), paths, model folder and tokenizer, data file (when visible here),
+    evaluation data (if server-side eval is on), then the new or resumed run folder. Nothing
+    is written until all checks pass."""
     config = parse_run_config(run_config)
     check_local_paths(config)
-    if config.dataset_path:
-        validate_data_file(config.dataset_path)
+    preflight(config, num_partitions)
     evaluator = ServerEvaluator(config) if config.eval.every_rounds else None
     return config, prepare_run(config, dict(run_config)), evaluator
 
@@ -211,7 +240,8 @@ def start_run(run_config: Mapping[str, Any]) -> tuple[AppConfig, RunSetup, Serve
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federated fine-tuning described by the run config."""
-    config, run, evaluator = start_run(context.run_config)
+    num_nodes = len(list(grid.get_node_ids()))  # the SuperNodes connected now: one partition each
+    config, run, evaluator = start_run(context.run_config, max(num_nodes, 1))
     log(INFO, "Run folder: %s", run.run_dir)
     strategy = build_strategy(config.strategy, run.start_round, run.communication_mb, config.train.transport_dtype)
     strategy.start(

@@ -13,6 +13,7 @@ FedAdam, FedAvgM). It adds three things without copying their aggregation code:
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ class RoundStats:
     cumulative_mb: float = 0.0
     train_metrics: MetricRecord | None = None
     client_metrics: list[dict] = field(default_factory=list)  # each accepted reply's own metrics
+    problems: Counter = field(default_factory=Counter)  # why replies failed or were rejected -> how many
 
     @property
     def accepted(self) -> int:
@@ -87,6 +89,30 @@ def content_problem(
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
         return f"metric {weighted_by_key!r} is {weight!r}; expected a number > 0"
     return reply_problem(content.array_records[arrayrecord_key], expected)
+
+
+EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Warning|Exit|Interrupt)): (.+)$")
+
+
+def error_summary(reason: str | None) -> str:
+    """A client's error as one line, "ExceptionName: message".
+
+    Flower wraps it as "<class 'X'>:<'message'>"; in simulation X is Ray's task error and the
+    message holds the client's traceback, whose last exception line is the one that matters.
+    """
+    lines = (reason or "unknown error").replace("\\n", "\n").splitlines()
+    for line in reversed(lines):
+        match = EXCEPTION_LINE.match(line)
+        if match and "ClientAppException" not in match.group(1) and "RayTaskError" not in match.group(1):
+            text = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
+            break
+    else:
+        text = " ".join(" ".join(lines).split())
+        match = re.search(r"<class '([\w.]+)'>:<'(.*)'>$", text)
+        if match:
+            text = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
+    text = re.sub(r"'>$", "", text)
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def metric_key_outliers(replies: list[Message]) -> list[Message]:
@@ -155,18 +181,21 @@ class FlowerTuneMixin:
         for reply in replies:
             if reply.has_error():
                 stats.failed += 1
+                stats.problems[error_summary(reply.error.reason)] += 1
                 continue
             stats.replied += 1
             stats.mb_received += sum(a.count_bytes() for a in reply.content.array_records.values()) / MB
             problem = content_problem(reply.content, self._sent, self.arrayrecord_key, self.weighted_by_key)
             if problem:
                 stats.rejected += 1
+                stats.problems[f"reply rejected: {problem}"] += 1
                 log(WARNING, "Round %s: rejected the reply of node %s: %s", server_round, reply.metadata.src_node_id, problem)
             else:
                 valid.append(reply)
         for reply in metric_key_outliers(valid):
             valid.remove(reply)
             stats.rejected += 1
+            stats.problems["reply rejected: its metric names differ from the other replies'"] += 1
             log(WARNING, "Round %s: rejected the reply of node %s: its metric names differ from the other replies'",
                 server_round, reply.metadata.src_node_id)
         self.communication_mb += stats.mb_sent + stats.mb_received

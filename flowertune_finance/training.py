@@ -17,10 +17,9 @@ from transformers import TrainerCallback
 
 from flowertune_finance import models
 from flowertune_finance.config import AppConfig
-from flowertune_finance.dataset import load_partition, load_tokenizer, round_indices, tokenize_partition
+from flowertune_finance.training_arguments import sft_arguments
+from flowertune_finance.dataset import DataError, load_partition, load_tokenizer, tokenize_partition
 
-# Precision flags that only make sense on a GPU; on the CPU the app trains in fp32.
-GPU_PRECISION_ARGUMENTS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval")
 TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 # Per-worker caches of what is expensive and invariant across client calls: the tokenizer
@@ -44,8 +43,8 @@ def with_labels(examples, seq_length: int):
 
 
 def tokenized_partition(config: AppConfig, partition_id: int, num_partitions: int):
-    """The node's partition as `input_ids` + `labels`, tokenized once per worker, and which
-    examples have any completion token left (TRL drops the others from training)."""
+    """The node's partition as `input_ids` + `labels`, tokenized once per worker, without the
+    examples whose label `train.seq-length` cuts off (they would train nothing)."""
     if config.model.name not in _TOKENIZERS:
         _TOKENIZERS[config.model.name] = load_tokenizer(config.model.name)
     tokenizer = _TOKENIZERS[config.model.name]
@@ -55,42 +54,22 @@ def tokenized_partition(config: AppConfig, partition_id: int, num_partitions: in
         partition = load_partition(partition_id, num_partitions, config.dataset_name, config.dataset_path)
         tokenized = tokenize_partition(partition, tokenizer, config.train.prompt_format, config.train.seq_length)
         examples = with_labels(tokenized, config.train.seq_length)
-        has_loss = [any(label != -100 for label in labels) for labels in examples["labels"]]
-        _TOKENIZED[key] = (examples, has_loss)
-    examples, has_loss = _TOKENIZED[key]
-    return examples, has_loss, tokenizer
+        keep = [i for i, labels in enumerate(examples["labels"]) if any(label != -100 for label in labels)]
+        if not keep:
+            prompt_tokens = len(tokenized[0]["input_ids"]) if len(tokenized) else 0
+            raise DataError(
+                f"no example keeps a label token within train.seq-length = {config.train.seq_length}; "
+                f"examples here are {prompt_tokens}+ tokens long: raise train.seq-length"
+            )
+        _TOKENIZED[key] = examples.select(keep) if len(keep) < len(examples) else examples
+    return _TOKENIZED[key], tokenizer
 
 
-def trainer_arguments(config: AppConfig, learning_rate: float, output_dir: str, cuda: bool) -> dict[str, Any]:
-    """SFTConfig keyword arguments: the run's training arguments, adapted to the machine.
-
-    Without CUDA the precision flags are dropped and training runs in fp32 on the CPU,
-    whatever the run config says; with CUDA, bf16 is on unless the run config says otherwise.
-    """
-    arguments = dict(config.train.training_arguments)
-    if not cuda:
-        for name in GPU_PRECISION_ARGUMENTS:
-            arguments.pop(name, None)
-    arguments.update(
-        output_dir=output_dir,
-        learning_rate=learning_rate,
-        max_length=config.train.seq_length,
-        completion_only_loss=True,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataset_kwargs={"skip_prepare_dataset": True},  # labels are built once per partition (with_labels)
-        use_cpu=not cuda,
-        bf16=arguments.get("bf16", cuda),
-    )
-    return arguments
-
-
-def sft_config(config: AppConfig, learning_rate: float, output_dir: str):
+def sft_config(config: AppConfig, learning_rate: float, output_dir: str, server_round: int):
     """The SFTConfig for this round on this machine."""
     from trl import SFTConfig
 
-    return SFTConfig(**trainer_arguments(config, learning_rate, output_dir, models.use_cuda()))
+    return SFTConfig(**sft_arguments(config.train, learning_rate, output_dir, models.use_cuda(), server_round))
 
 
 def train_adapter(
@@ -103,6 +82,8 @@ def train_adapter(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train `adapter` on the node's data for one round; return new weights and metrics.
 
+    The trainer samples its batches from the whole partition, as the reference does
+    (`max-steps` batches, or `num-train-epochs` passes with `max-steps = -1`).
     `proximal_mu` > 0 (sent by FedProx) adds the proximal term to the training loss.
     """
     from flowertune_finance.proximal import ProximalSFTTrainer
@@ -114,13 +95,10 @@ def train_adapter(
         model = models.cached_peft_model(config.model)
     else:
         model = models.build_peft_model(config.model)
-    models.set_adapter_state(model, adapter)
     timings["time-model"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    examples, has_loss, tokenizer = tokenized_partition(config, partition_id, num_partitions)
-    indices = round_indices(len(examples), config.train.examples_per_round, server_round, config.train.dynamic_data_seed)
-    window = examples.select([i for i in indices if has_loss[i]])
+    examples, tokenizer = tokenized_partition(config, partition_id, num_partitions)
     timings["time-data"] = time.perf_counter() - start
 
     learning_rate = models.cosine_annealing(
@@ -130,9 +108,12 @@ def train_adapter(
         start = time.perf_counter()
         step_timer = StepTimer()
         trainer = ProximalSFTTrainer(
-            model=model, args=sft_config(config, learning_rate, output_dir), train_dataset=window,
+            model=model, args=sft_config(config, learning_rate, output_dir, server_round), train_dataset=examples,
             processing_class=tokenizer, proximal_mu=proximal_mu, callbacks=[step_timer],
         )
+        # after TRL's bf16 cast of the LoRA weights: back to fp32, then the global adapter unrounded
+        models.keep_adapter_fp32(model)
+        models.set_adapter_state(model, adapter)
         timings["time-setup"] = time.perf_counter() - start
         start = time.perf_counter()
         result = trainer.train()
@@ -146,6 +127,7 @@ def train_adapter(
         "train_loss": float(result.training_loss),
         "num-examples": len(examples),
         "learning-rate": learning_rate,
+        "train-steps": int(result.global_step),
         "base-model-loads": models.BASE_MODEL_LOADS - loads_before,
         **timings,
     }

@@ -6,6 +6,9 @@ the production ClientApp carries no test hooks.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -16,6 +19,10 @@ FAULTS = {
     1: {0: "raise", 1: "nan"},
     2: {0: "raise", 1: "raise", 2: "raise", 3: "nan", 4: "nan"},
 }
+# A test may replace FAULTS with faults.json next to this module: {"round": {"partition": fault}}.
+_OVERRIDE = Path(__file__).with_name("faults.json")
+if _OVERRIDE.is_file():
+    FAULTS = {int(r): {int(p): f for p, f in faults.items()} for r, faults in json.loads(_OVERRIDE.read_text()).items()}
 
 app = ClientApp()
 

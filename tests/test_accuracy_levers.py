@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from flowertune_finance import models, synthetic, training
 from flowertune_finance.config import ConfigError, ModelConfig, StrategyConfig, parse_run_config
-from flowertune_finance.dataset import format_completion, format_prompt, load_partition, round_indices
+from flowertune_finance.dataset import format_completion, format_prompt, load_partition
 from flowertune_finance.strategy import build_strategy
 
 INSTRUCTION = synthetic.INSTRUCTION_NEWS
@@ -57,7 +57,7 @@ def test_answer_format_trains_on_the_evaluation_prompt_tokens_and_only_the_label
     rows = load_partition(3, 50, config.dataset_name, config.dataset_path).select(range(6))
     model = models.cached_peft_model(config.model)
     trainer = ProximalSFTTrainer(
-        model=model, args=training.sft_config(config, 1e-3, "unused"), train_dataset=examples.select(range(6)),
+        model=model, args=training.sft_config(config, 1e-3, "unused", 1), train_dataset=examples.select(range(6)),
         processing_class=tokenizer, proximal_mu=0.0,
     )
     batch = trainer.data_collator([examples[i] for i in range(6)])
@@ -68,31 +68,6 @@ def test_answer_format_trains_on_the_evaluation_prompt_tokens_and_only_the_label
         trained = [label for label in labels if label != -100]
         assert trained == tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         assert ids[len(evaluation_ids): len(evaluation_ids) + len(trained)] == trained
-
-
-def _distinct_inputs_seen(path, rounds: int, per_round: int, dynamic: bool) -> tuple[int, int]:
-    partition = load_partition(11, 50, "unused", str(path))
-    seen = []
-    for server_round in range(1, rounds + 1):
-        seen += partition.select(round_indices(len(partition), per_round, server_round, dynamic))["input"]
-    return len(set(seen)), len(set(partition["input"]))
-
-
-def test_dynamic_data_covers_the_partition_over_rounds(tmp_path):
-    path = synthetic.write_jsonl(
-        [{"instruction": "i", "input": f"row {i}", "output": "neutral"} for i in range(5000)], tmp_path / "rows.jsonl"
-    )
-    distinct, partition_size = _distinct_inputs_seen(path, rounds=4, per_round=32, dynamic=True)
-    assert partition_size == 100 and distinct == 100  # 128 draws over 4 rounds cover all 100 examples
-    distinct, _ = _distinct_inputs_seen(path, rounds=4, per_round=32, dynamic=False)
-    assert distinct == 32  # upstream's behaviour: the same window every round
-
-
-def test_dynamic_windows_do_not_repeat_before_the_partition_is_used_up():
-    windows = [round_indices(100, 30, server_round, dynamic=True) for server_round in (1, 2, 3)]
-    flat = [index for window in windows for index in window]
-    assert len(set(flat)) == 90
-    assert round_indices(100, 30, 2, dynamic=True) == windows[1]  # stateless: a resumed run draws the same
 
 
 @pytest.mark.parametrize(
@@ -130,7 +105,7 @@ def test_strategy_defaults_are_documented_values():
 
 
 def test_unknown_strategy_name_is_a_clear_error():
-    allowed = "allowed: fedavg, fedprox, fedadam, fedavgm"
+    allowed = "allowed: fedavg, fedprox, fedadam or fedavgm"
     with pytest.raises(ConfigError, match=rf"'strategy.name' = 'fedyogi' is not allowed; {allowed}"):
         parse_run_config({"strategy.name": "fedyogi"})
     with pytest.raises(ConfigError, match="'fedyogi' is not allowed"):
@@ -155,6 +130,7 @@ def test_fedprox_term_grows_with_the_distance_from_the_global_adapter(tiny_model
                      report_to="none", max_length=128)
     trainer = ProximalSFTTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
                                  proximal_mu=0.5)
+    trainer.capture_global_weights()
     assert all("lora_" in name for name in trainer.global_weights)  # only the adapter, never the base
     batch = trainer.data_collator([examples[i] for i in range(4)])
     model.train()

@@ -59,7 +59,7 @@ def assert_refused(run_config: dict, match: str, results: Path) -> str:
     """start_run raises a refusal matching `match` and leaves `results` exactly as it was."""
     before = tree_hash(results)
     with pytest.raises(REFUSALS, match=match) as refused:
-        start_run(run_config)
+        start_run(run_config, num_partitions=50)
     assert tree_hash(results) == before, "a refused run changed what was saved"
     return str(refused.value)
 
@@ -124,8 +124,12 @@ GOOD_ROW = {"instruction": "What is the sentiment?", "input": "Shares rose.", "o
         ("data.csv", [GOOD_ROW], r"data\.csv' has suffix '\.csv'; allowed: \.json, \.jsonl, \.parquet"),
         ("no-output.jsonl", [{"instruction": "x", "input": "y"}], r"no-output\.jsonl' lacks column\(s\) output"),
         ("blank.jsonl", [GOOD_ROW, GOOD_ROW, {**GOOD_ROW, "output": "  "}],
-         r"blank\.jsonl' has 1 row\(s\) with an empty instruction or output, first at row 2"),
-        ("null.jsonl", [GOOD_ROW, {**GOOD_ROW, "instruction": None}], r"null\.jsonl' has 1 row\(s\) .* first at row 1"),
+         r"blank\.jsonl' has 1 row\(s\) that cannot be trained on, first at row 2 \(0-based\): an empty output"),
+        ("null.jsonl", [GOOD_ROW, {**GOOD_ROW, "instruction": None}],
+         r"null\.jsonl' has 1 row\(s\) .* first at row 1 \(0-based\): an empty instruction"),
+        ("number.jsonl", [GOOD_ROW, {**GOOD_ROW, "output": 1}], r"first at row 1 \(0-based\): output = 1 is not text"),
+        ("list.jsonl", [{**GOOD_ROW, "output": ["positive"]}], r"output = \['positive'\] is not text"),
+        ("few.jsonl", [GOOD_ROW] * 3, r"few\.jsonl' has 3 row\(s\) for 50 partitions"),
     ],
 )
 def test_bad_data_file_is_refused_by_file_and_row(saved, tmp_path, name, rows, message):
@@ -138,7 +142,7 @@ def test_unparsable_data_file_is_refused(saved, tmp_path):
     run_config, results, _ = saved
     data = tmp_path / "garbage.json"
     data.write_text("{this is not json")
-    assert_refused({**run_config, "dataset.path": str(data)}, r"garbage\.json' could not be read as json", results)
+    assert_refused({**run_config, "dataset.path": str(data)}, r"garbage\.json' is not valid JSON/JSON Lines", results)
 
 
 def test_resume_from_missing_or_empty_folder(saved, tmp_path):
@@ -257,3 +261,87 @@ def test_bad_value_through_flwr_run_fails_before_round_1(tiny_model, flwr_env, t
     assert "'train.learning-rate-min' = 1.0 exceeds 'train.learning-rate-max'" in log
     assert not re.search(r"\[ROUND 1", log)
     assert run_dirs(results) == []
+
+
+def test_non_utf8_data_file_names_the_file_and_line(saved, tmp_path):
+    run_config, results, _ = saved
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes((json.dumps(GOOD_ROW) + "\n").encode() + b'{"instruction": "x", "input": "Soci\xe9t\xe9", "output": "positive"}\n')
+    assert_refused({**run_config, "dataset.path": str(data)}, r"latin1\.jsonl' is not UTF-8 text: byte 0xe9 on line 2",
+                   results)
+
+
+def test_null_input_is_an_empty_input(tmp_path):
+    from flowertune_finance.dataset import format_prompt, validate_data_file
+
+    data = write_rows(tmp_path / "null-input.jsonl", [GOOD_ROW, {**GOOD_ROW, "input": None}])
+    assert len(validate_data_file(data)) == 2
+    assert format_prompt("What?", None, "answer") == format_prompt("What?", "", "answer")
+
+
+def test_labels_are_reported_and_typos_warned(saved, tmp_path, caplog):
+    run_config, _, _ = saved
+    rows = [GOOD_ROW] * 60 + [{**GOOD_ROW, "output": "postive"}, {**GOOD_ROW, "output": "moderately negative"}]
+    data = write_rows(tmp_path / "typo.jsonl", rows)
+    start_run({**run_config, "dataset.path": str(data), "output.dir": str(tmp_path / "out")}, num_partitions=50)
+    assert "positive 60, postive 1, moderately negative 1" in caplog.text
+    assert "Labels outside the sentiment vocabulary" in caplog.text and "'postive'" in caplog.text
+
+
+def test_model_folder_without_weights_is_refused(saved, tiny_model, tmp_path):
+    run_config, results, _ = saved
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    assert_refused({**run_config, "model.name": str(folder)}, r"no-weights': the folder lacks weights", results)
+
+
+def test_model_folder_without_tokenizer_is_refused(saved, tiny_model, tmp_path):
+    run_config, results, _ = saved
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    assert_refused({**run_config, "model.name": str(folder)}, r"no-tokenizer': the folder lacks tokenizer files", results)
+
+
+def test_seq_length_that_cuts_the_labels_off_is_refused_with_the_value_that_fits(saved):
+    run_config, results, _ = saved
+    text = assert_refused({**run_config, "train.seq-length": 8}, r"'train\.seq-length' = 8 cuts the label off", results)
+    fits = int(re.search(r"set train\.seq-length >= (\d+)", text).group(1))
+    assert fits > 8
+    start_run({**run_config, "train.seq-length": fits, "output.dir": str(results / "fits")}, num_partitions=50)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.training-arguments.lr-scheduler-type", "bogus",
+         r"'train\.training-arguments\.lr-scheduler-type' = 'bogus' is not accepted by trl\.SFTConfig"),
+        ("train.training-arguments.optim", "sgdx", r"'train\.training-arguments\.optim' = 'sgdx' is not accepted"),
+        ("train.training-arguments.lr-sheduler-type", "cosine",
+         r"did you mean 'train\.training-arguments\.lr-scheduler-type'"),
+    ],
+)
+def test_bad_training_argument_is_refused_at_start_by_name(saved, key, value, message):
+    run_config, results, _ = saved
+    assert_refused({**run_config, key: value}, message, results)
+
+
+def test_trailing_slash_in_model_name_is_the_same_model_on_resume(saved):
+    run_config, results, run_dir = saved
+    config, run, _ = start_run({**run_config, "model.name": run_config["model.name"] + "/", "resume.from": str(run_dir)})
+    assert run.start_round == 2 and config.model.name == run_config["model.name"]
+
+
+def test_resume_from_a_checkpoint_folder_asks_for_the_run_folder(saved):
+    run_config, results, run_dir = saved
+    assert_refused({**run_config, "resume.from": str(run_dir / "peft_2")},
+                   r"peft_2' is a checkpoint folder; pass the run folder that holds it", results)
+
+
+def test_client_with_an_empty_training_window_says_what_to_do(saved):
+    from flowertune_finance import training
+    from flowertune_finance.config import parse_run_config
+
+    run_config, _, _ = saved
+    config = parse_run_config({**run_config, "train.seq-length": 8})
+    with pytest.raises(DataError, match=r"no example keeps a label token within train\.seq-length = 8; .*raise"):
+        training.tokenized_partition(config, 0, 50)

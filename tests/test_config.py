@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import flatten_dict, get_project_config
 
-from flowertune_finance.config import _KEYS, AppConfig, ConfigError, check_local_paths, parse_run_config
+from flowertune_finance.config import SETTINGS, AppConfig, ConfigError, check_local_paths, parse_run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,22 @@ def test_static_section_is_the_leaderboard_dataset(project_run_config):
 
 def test_every_known_key_can_be_overridden_with_flwr_run(project_run_config):
     # `flwr run --run-config` only accepts keys that pyproject.toml declares.
-    assert set(_KEYS) <= set(project_run_config)
+    assert set(SETTINGS) <= set(project_run_config)
+
+
+def test_pyproject_defaults_equal_the_declared_defaults(project_run_config):
+    """pyproject.toml is the user-facing list of keys; the dataclass declaration is the source of truth."""
+    for key, declared in SETTINGS.items():
+        assert project_run_config[key] == declared.default, key
+        assert type(project_run_config[key]) is type(declared.default), key
+    undeclared = {k for k in project_run_config if k not in SETTINGS and not k.startswith("train.training-arguments.")}
+    assert not undeclared
+
+
+def test_configuration_doc_holds_the_generated_table():
+    from flowertune_finance.config import settings_table
+
+    assert settings_table() in (REPO_ROOT / "docs" / "configuration.md").read_text()
 
 
 def test_parsed_pyproject_equals_typed_defaults(project_run_config):
@@ -66,7 +81,9 @@ def test_parsed_pyproject_equals_typed_defaults(project_run_config):
     assert config.model == defaults.model
     assert config.strategy == defaults.strategy
     assert config.num_server_rounds == 200 and config.dataset_name == "flwrlabs/fingpt-sentiment-train"
-    assert config.train.learning_rate_max == 5e-5 and config.train.examples_per_round == 160
+    assert config.train.learning_rate_max == 5e-5
+    arguments = config.train.training_arguments
+    assert (arguments["per_device_train_batch_size"], arguments["max_steps"], arguments["bf16"]) == (16, 10, False)
     # the app owns output_dir and learning_rate; the rest reaches SFTConfig unchanged
     assert "output_dir" not in config.train.training_arguments
     assert config.train.training_arguments["lr_scheduler_type"] == "constant"
@@ -82,7 +99,7 @@ def test_parsed_pyproject_equals_typed_defaults(project_run_config):
         ({"num-server-rounds": 0}, ["num-server-rounds", ">= 1"]),
         ({"train.learning-rate-min": 1e-3}, ["train.learning-rate-min", "train.learning-rate-max"]),
         ({"train.prompt-format": "chatml"}, ["train.prompt-format", "alpaca or answer"]),
-        ({"model.quantisation": 4}, ["unknown run config key 'model.quantisation'"]),
+        ({"model.quantisation": 4}, ["unknown run config key 'model.quantisation'; did you mean 'model.quantization'?"]),
         ({"train.training-arguments.per-device-train-batch-size": 0}, ["per-device-train-batch-size", ">= 1"]),
         ({"train.training-arguments.no-such-argument": 1}, ["no-such-argument", "SFTConfig"]),
     ],

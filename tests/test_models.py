@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from flowertune_finance import models
 from flowertune_finance.checkpoint import CheckpointError, load_adapter, read_checkpoint, save_checkpoint
-from flowertune_finance.training import train_adapter, trainer_arguments
+from flowertune_finance.training import train_adapter
+from flowertune_finance.training_arguments import sft_arguments
 from flowertune_finance.config import AppConfig, ModelConfig, parse_run_config
 from flowertune_finance.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
 from flowertune_finance.tiny import build_tiny_model
@@ -79,8 +80,8 @@ def test_cpu_training_ignores_gpu_precision_flags(tiny_model):
         **SMOKE_RUN_CONFIG, "model.name": str(tiny_model),
         "train.training-arguments.bf16": True, "train.training-arguments.tf32": True,
     })
-    on_cpu = trainer_arguments(config, 1e-4, "out", cuda=False)
+    on_cpu = sft_arguments(config.train, 1e-4, "out", cuda=False)
     assert on_cpu["use_cpu"] is True and on_cpu["bf16"] is False and "tf32" not in on_cpu
-    on_gpu = trainer_arguments(parse_run_config({**SMOKE_RUN_CONFIG, "model.name": str(tiny_model)}), 1e-4, "out", cuda=True)
-    assert on_gpu["use_cpu"] is False and on_gpu["bf16"] is True
+    on_gpu = sft_arguments(config.train, 1e-4, "out", cuda=True)
+    assert on_gpu["use_cpu"] is False and on_gpu["bf16"] is True and on_gpu["tf32"] is True
     assert on_gpu["learning_rate"] == 1e-4 and on_gpu["max_steps"] == 2 and on_gpu["completion_only_loss"] is True

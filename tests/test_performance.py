@@ -106,15 +106,15 @@ def test_labels_built_once_equal_what_trl_prepares_each_call(tiny_model):
     from trl import SFTConfig, SFTTrainer
 
     config = _config(tiny_model, 0, **{"train.seq-length": 70})  # short: 17 of 50 rows lose their completion
-    examples, has_loss, tokenizer = training.tokenized_partition(config, 8, 50)
+    examples, tokenizer = training.tokenized_partition(config, 8, 50)
     raw = tokenize_partition(load_partition(8, 50, config.dataset_name, config.dataset_path), tokenizer, "alpaca", 70)
     args = SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none", completion_only_loss=True,
                      max_length=70)
     model = models.build_peft_model(config.model)
     prepared = SFTTrainer(model=model, args=args, train_dataset=raw, processing_class=tokenizer).train_dataset
-    kept = examples.select([i for i, keep in enumerate(has_loss) if keep])
-    assert 0 < len(kept) < len(examples)  # some rows lose their completion to truncation
-    assert kept["input_ids"] == prepared["input_ids"] and kept["labels"] == prepared["labels"]
+    # rows whose label truncation cut off train nothing: the app leaves them out, as TRL does
+    assert 0 < len(examples) == len(prepared) < len(raw)
+    assert examples["input_ids"] == prepared["input_ids"] and examples["labels"] == prepared["labels"]
 
 
 def test_server_side_never_loads_base_weights(tiny_model, tmp_path, monkeypatch):
