@@ -113,6 +113,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         load_adapter(path)
     except Exception as error:  # json and safetensors raise various types on corrupt files
         raise CheckpointError(f"checkpoint {path} is corrupt: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {RUN_STATE} holds {type(state).__name__}, not an object")
     if state.get("round") != int(match.group(1)):
         raise CheckpointError(f"checkpoint {path} records round {state.get('round')!r}, not {match.group(1)}")
     return Checkpoint(path=path, round=int(match.group(1)), state=state)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import flowertune_finance.quiet  # noqa: F401  (first: filters known library messages at their source)
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flowertune_finance.config import check_local_paths, parse_run_config
+from flowertune_finance.models import FROZEN_A_CHECKSUM_KEY
 from flowertune_finance.node_data import node_data
 from flowertune_finance.training import freeze_long_lived_objects, silence_progress_bars, train_adapter
 
@@ -21,8 +24,11 @@ def train(msg: Message, context: Context) -> Message:
     check_local_paths(config, on_server=False)  # before the model loads: a missing path fails fast, by name
     server_round = int(msg.content["config"]["server-round"])
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # only FedProx sends it
+    frozen_a_sha256 = msg.content["config"].get(FROZEN_A_CHECKSUM_KEY)  # only with model.lora.freeze-a
     adapter = {key: tensor.float() for key, tensor in msg.content["arrays"].to_torch_state_dict().items()}
-    new_adapter, metrics = train_adapter(config, adapter, node.partition_id, node.num_partitions, server_round, proximal_mu)
+    new_adapter, metrics = train_adapter(
+        config, adapter, node.partition_id, node.num_partitions, server_round, proximal_mu, frozen_a_sha256
+    )
     content = RecordDict({"arrays": ArrayRecord(new_adapter), "metrics": MetricRecord(metrics)})
     freeze_long_lived_objects()
     return Message(content=content, reply_to=msg)

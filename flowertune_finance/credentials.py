@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 LOOPBACK = "127.0.0.1"
+PRIVATE_KEY_MODE = 0o600
+PUBLIC_FILE_MODE = 0o644  # certificates and public keys (the umask may narrow it)
+
+
+class CredentialError(RuntimeError):
+    """A credential file is in the way (exists already, or is a symlink) or could not be written safely."""
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,53 @@ class Certificates:
     server_key: Path
 
 
+def _refuse_existing(paths: list[Path]) -> None:
+    """Stop before writing anything when a target exists: never overwrite a key or what belongs to it."""
+    for path in paths:
+        if path.is_symlink():
+            raise CredentialError(f"{path} is a symlink; refusing to write a credential through it (remove it first)")
+        if path.exists():
+            raise CredentialError(
+                f"{path} already exists; refusing to overwrite it (move it away, or choose another folder)"
+            )
+
+
+def _create_file(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` with `mode` from its first byte: `O_EXCL` never replaces an existing file,
+    `O_NOFOLLOW` never writes through a symlink, and the mode is set at creation, not after."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError as error:  # also a symlink, dangling or not: O_EXCL does not follow it
+        kind = "a symlink" if path.is_symlink() else "an existing file"
+        raise CredentialError(f"{path} is {kind}; refusing to overwrite it or write through it") from error
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
 def _write_private_key(key: ec.EllipticCurvePrivateKey, path: Path, encoding_format) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, encoding_format, serialization.NoEncryption()))
-    path.chmod(0o600)
+    """An unencrypted private key, readable by its owner only (0600) from the moment it exists."""
+    data = key.private_bytes(serialization.Encoding.PEM, encoding_format, serialization.NoEncryption())
+    _create_file(path, data, PRIVATE_KEY_MODE)
+
+
+def existing_certificates(folder: str | Path) -> Certificates | None:
+    """The certificates `generate_certificates` wrote into `folder` before, or None if there are none.
+
+    A partial set is an error: it cannot be used, and completing it would mix two CAs.
+    """
+    folder = Path(folder)
+    certificates = Certificates(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+    paths = [certificates.ca_cert, certificates.server_cert, certificates.server_key]
+    present = [path for path in paths if path.exists() or path.is_symlink()]
+    if not present:
+        return None
+    if len(present) < len(paths) or any(path.is_symlink() for path in paths):
+        raise CredentialError(
+            f"{folder} holds an incomplete or symlinked certificate set ({', '.join(p.name for p in present)}); "
+            "remove it or choose another folder"
+        )
+    return certificates
 
 
 def generate_certificates(
@@ -39,9 +90,11 @@ def generate_certificates(
     """A self-signed CA and a SuperLink certificate it signs, valid for `hosts` (IPs or DNS names).
 
     For a real deployment list the SuperLink's public name or IP in `hosts`; clients verify it.
+    Raises CredentialError if any of the three files exists already (or is a symlink).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _refuse_existing([folder / "ca.crt", folder / "server.pem", folder / "server.key"])
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowertune-finance local CA")])
@@ -69,9 +122,9 @@ def generate_certificates(
         .sign(ca_key, hashes.SHA256())
     )
     certificates = Certificates(folder / "ca.crt", folder / "server.pem", folder / "server.key")
-    certificates.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    certificates.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private_key(server_key, certificates.server_key, serialization.PrivateFormat.TraditionalOpenSSL)
+    _create_file(certificates.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_FILE_MODE)
+    _create_file(certificates.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_FILE_MODE)
     return certificates
 
 
@@ -79,11 +132,14 @@ def generate_node_keys(folder: str | Path, name: str) -> tuple[Path, Path]:
     """A SuperNode's authentication key pair (NIST P-384, OpenSSH format): (private, public).
 
     The public key is registered with `flwr supernode register`; the private key stays on the node.
+    Raises CredentialError if either file exists already (or is a symlink): keys are never replaced.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
     private, public = folder / name, folder / f"{name}.pub"
+    _refuse_existing([private, public])
+    key = ec.generate_private_key(ec.SECP384R1())
     _write_private_key(key, private, serialization.PrivateFormat.OpenSSH)
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    public_bytes = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _create_file(public, public_bytes, PUBLIC_FILE_MODE)
     return private, public

@@ -23,8 +23,14 @@ from pathlib import Path
 
 import tomli_w
 
-from flowertune_finance.credentials import LOOPBACK, Certificates, generate_certificates, generate_node_keys
 from flowertune_finance import launch
+from flowertune_finance.credentials import (
+    LOOPBACK,
+    Certificates,
+    existing_certificates,
+    generate_certificates,
+    generate_node_keys,
+)
 from flowertune_finance.launch import flwr_env, free_port, kill_processes_with_env
 
 CONNECTION = "local-deployment"
@@ -81,7 +87,11 @@ class LocalDeployment:
         self.folder = Path(self.folder).resolve()
         (self.folder / "logs").mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.folder / "flwr-home"
-        self.certificates = self.certificates or generate_certificates(self.folder / "certificates")
+        # a folder used before keeps its CA (keys are never overwritten); a new one gets a fresh set
+        certificates_dir = self.folder / "certificates"
+        self.certificates = (
+            self.certificates or existing_certificates(certificates_dir) or generate_certificates(certificates_dir)
+        )
 
     @property
     def address(self) -> str:
@@ -131,7 +141,9 @@ class LocalDeployment:
         for name, node_config in node_configs.items():
             private_key = None
             if self.supernode_auth:
-                private_key, public_key = generate_node_keys(self.folder / "keys", name)
+                private_key, public_key = self.folder / "keys" / name, self.folder / "keys" / f"{name}.pub"
+                if not (private_key.is_file() and public_key.is_file()):  # a folder used before keeps its keys
+                    private_key, public_key = generate_node_keys(self.folder / "keys", name)
                 self.register_node(public_key)
             self.start_supernode(name, node_config, private_key, wait=False)
         for process in self.supernodes.values():
@@ -151,7 +163,7 @@ class LocalDeployment:
         """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
         result = subprocess.run(
             ["flwr", "supernode", "register", str(public_key), CONNECTION],
-            env=self.env(), capture_output=True, text=True, timeout=60,
+            check=False, env=self.env(), capture_output=True, text=True, timeout=60,
         )
         if result.returncode != 0:
             raise DeploymentError(f"`flwr supernode register {public_key}` failed:\n{result.stdout}\n{result.stderr}")
@@ -160,7 +172,7 @@ class LocalDeployment:
         """Ids of the SuperNodes the SuperLink sees online (`flwr supernode ls`)."""
         result = subprocess.run(
             ["flwr", "supernode", "ls", CONNECTION, "--format", "json"],
-            env=self.env(), capture_output=True, text=True, timeout=60,
+            check=False, env=self.env(), capture_output=True, text=True, timeout=60,
         )
         try:
             nodes = json.loads(result.stdout)["nodes"]
@@ -256,7 +268,7 @@ class LocalDeployment:
         run_config["strategy.fraction-train"] = 1.0  # every node, every round: a handful of nodes, not 50
         return launch.run_app(app_dir, run_config, env=self.env(), connection=CONNECTION)
 
-    def __enter__(self) -> LocalDeployment:
+    def __enter__(self) -> LocalDeployment:  # noqa: PYI034 (Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from flowertune_finance import launch, synthetic
 from flowertune_finance.config import parse_run_config
-from flowertune_finance.dataset import DataError, load_partition
 from flowertune_finance.credentials import generate_node_keys
+from flowertune_finance.dataset import DataError, load_partition
 from flowertune_finance.deployment import CONNECTION, MARKER, LocalDeployment
 from flowertune_finance.launch import processes_with_env
 from flowertune_finance.metrics import read_metrics

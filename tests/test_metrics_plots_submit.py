@@ -1,10 +1,9 @@
-"""See the run: metrics.jsonl of the shared smoke run, its plots, the progress/ETA, and the submission bundle."""
+"""See the run: metrics.jsonl of the shared smoke run, its plots, and the progress/ETA (submission: test_submit.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,12 @@ from flowertune_finance.metrics import METRICS_FILE, progress_line, read_metrics
 from flowertune_finance.models import cosine_annealing
 from flowertune_finance.plots import plot_run
 from flowertune_finance.server_app import RoundRecorder, RunSetup
-from flowertune_finance.submit import SubmissionError, build_submission
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND_FIELDS = {
     "round", "wall_time_s", "elapsed_s", "train_loss", "learning_rate", "num_supernodes", "clients_sampled",
     "clients_replied", "clients_failed", "clients_rejected", "clients_accepted", "mb_sent", "mb_received",
     "cumulative_mb",
 }
-ACCURACIES = {"fpb": 0.5, "fiqa": 0.25, "tfns": 0.75}
 
 
 def test_metrics_jsonl_has_one_valid_line_per_round_with_consistent_sums(smoke_run):
@@ -95,93 +91,3 @@ def test_eval_metrics_get_their_own_figure(smoke_run, tmp_path):
     assert "eval.png" in figures
     _assert_png(figures["eval.png"])
     assert cli.main(["plot", str(tmp_path / "missing")]) == 2
-
-
-@pytest.fixture
-def evaluated_run(smoke_run, tmp_path) -> tuple[Path, Path]:
-    """A copy of the smoke run plus accuracy files in the leaderboard's format."""
-    run_dir = Path(shutil.copytree(smoke_run[1], tmp_path / "run"))
-    eval_dir = tmp_path / "benchmarks"
-    eval_dir.mkdir()
-    for dataset, accuracy in ACCURACIES.items():
-        (eval_dir / f"acc_{dataset}_smoke.txt").write_text(f"Accuracy: {accuracy}. ")
-    return run_dir, eval_dir
-
-
-def _submit(run_dir: Path, eval_dir: Path, **options) -> Path:
-    return build_submission(run_dir, eval_dir=eval_dir, app_dir=REPO_ROOT, **options)
-
-
-def test_submit_assembles_the_leaderboard_bundle_and_never_overwrites(evaluated_run, capsys):
-    run_dir, eval_dir = evaluated_run
-    args = ["submit", str(run_dir), "--eval-dir", str(eval_dir), "--app-dir", str(REPO_ROOT)]
-    assert cli.main(args) == 0
-    folder = run_dir / "submission"
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (folder / "peft_3" / name).read_bytes() == (run_dir / "peft_3" / name).read_bytes()
-    assert sorted(p.name for p in folder.glob("acc_*.txt")) == [f"acc_{d}_smoke.txt" for d in ("fiqa", "fpb", "tfns")]
-    text = (folder / "SUBMISSION.md").read_text()
-    communication = read_metrics(run_dir)[-1]["cumulative_mb"]
-    model = json.loads((run_dir / "run_config.json").read_text())["model.name"]
-    assert f"| 50.00 | 25.00 | 75.00 | 50.00 | {communication:,.2f} | 3 | {model} | fedavg |" in text
-    assert "| `num-server-rounds` | `200` | `3` |" in text
-    assert "| `model.quantization` | `4` | `0` |" in text
-    assert "static section kept: `static.dataset.name` = `flwrlabs/fingpt-sentiment-train`" in text
-    assert "50 SuperNodes connected in every round (1..3)" in text
-    before = (folder / "SUBMISSION.md").stat().st_mtime_ns
-    assert cli.main(args) == 1
-    assert "already exists" in capsys.readouterr().err
-    assert (folder / "SUBMISSION.md").stat().st_mtime_ns == before
-
-
-def _drop_tfns_accuracy(run_dir: Path, eval_dir: Path) -> None:
-    (eval_dir / "acc_tfns_smoke.txt").unlink()
-
-
-def _change_static_dataset(run_dir: Path, eval_dir: Path) -> None:
-    config = json.loads((run_dir / "run_config.json").read_text())
-    config["static.dataset.name"] = "someone/else"
-    (run_dir / "run_config.json").write_text(json.dumps(config))
-
-
-def _record_49_supernodes(run_dir: Path, eval_dir: Path) -> None:
-    records = [{**r, "num_supernodes": 49} for r in read_metrics(run_dir)]
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def _drop_last_round(run_dir: Path, eval_dir: Path) -> None:
-    lines = (run_dir / METRICS_FILE).read_text().splitlines(keepends=True)
-    (run_dir / METRICS_FILE).write_text("".join(lines[:-1]))
-    shutil.rmtree(run_dir / "peft_3")
-
-
-def _corrupt_accuracy(run_dir: Path, eval_dir: Path) -> None:
-    (eval_dir / "acc_fpb_smoke.txt").write_text("Accuracy: 83.16. ")
-
-
-@pytest.mark.parametrize(
-    ("break_run", "message"),
-    [
-        (_drop_tfns_accuracy, "acc_tfns_smoke.txt is missing"),
-        (_change_static_dataset, "static section changed: 'static.dataset.name' = 'someone/else'"),
-        (_record_49_supernodes, "requires 50 SuperNodes; 3 round(s) recorded num_supernodes = 49"),
-        (_drop_last_round, "holds rounds 1..2 (2 lines), not 1..3"),
-        (_corrupt_accuracy, "holds accuracy 83.16, outside [0, 1]"),
-    ],
-)
-def test_submit_refuses_what_the_leaderboard_would_reject(evaluated_run, break_run, message):
-    run_dir, eval_dir = evaluated_run
-    break_run(run_dir, eval_dir)
-    with pytest.raises(SubmissionError) as refused:
-        _submit(run_dir, eval_dir, run_name="smoke")
-    assert message in str(refused.value)
-    assert not (run_dir / "submission").exists()
-    assert not list(run_dir.glob(".submission*"))
-
-
-def test_submit_cannot_guess_between_two_evaluations(evaluated_run):
-    run_dir, eval_dir = evaluated_run
-    (eval_dir / "acc_fpb_other.txt").write_text("Accuracy: 0.1. ")
-    with pytest.raises(SubmissionError, match="pass --run-name"):
-        _submit(run_dir, eval_dir)
-    assert (_submit(run_dir, eval_dir, run_name="smoke") / "SUBMISSION.md").is_file()

@@ -1,0 +1,267 @@
+"""`flowertune-finance smoke` as a newcomer meets it: a private SuperLink per checkout, quiet output
+with the next commands filled in, Ctrl-C that stops the run, and `--stop`.
+
+Two copies of the app (two checkouts) each run the smoke through the real `flwr run`. Runs are kept
+short (4 SuperNodes; 3 rounds where the output is counted, 1 elsewhere). Every process a checkout's
+SuperLink started is stopped at the end, and the fixture checks that none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from flowertune_finance import launch
+from flowertune_finance.launch import SUPERLINK_MARKER, PrivateSuperLink, processes_with_env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_FILES = ("pyproject.toml", "README.md", ".gitignore", "LICENSE", "flowertune_finance")
+SUPERNODES = "4"
+RUN_TIMEOUT = 900  # a loaded 2-core machine; a quiet one needs a fraction of this
+MAX_OUTPUT_LINES = 40
+
+
+def copy_app(destination: Path) -> Path:
+    """A checkout of the app: the files `flwr run` needs (the package, pyproject.toml, .gitignore)."""
+    destination.mkdir(parents=True)
+    for name in APP_FILES:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.is_file():
+            shutil.copy2(source, destination / name)
+    return destination
+
+
+def cli(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flowertune_finance.cli", *args], cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False,
+    )
+
+
+def run_ids(app: Path) -> list[int]:
+    """Every run the checkout's own SuperLink knows (`flwr ls` through its private FLWR_HOME)."""
+    superlink = PrivateSuperLink(app)
+    listed = subprocess.run(
+        [launch.flwr_executable(), "ls", launch.SMOKE_CONNECTION, "--format", "json"],
+        env=superlink.cli_env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    return sorted(int(run["run-id"]) for run in json.loads(listed.stdout)["runs"])
+
+
+def submitted(output: str) -> tuple[int, Path]:
+    """The run id and full-log file from the smoke's "Run N submitted ...; Full log: FILE" line."""
+    line = next(line for line in output.splitlines() if line.startswith("Run ") and " submitted (" in line)
+    return int(line.split()[1]), Path(line.split("Full log: ")[1].strip())
+
+
+def value_after(output: str, prefix: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith(prefix)]
+    assert lines, f"no line starting with {prefix!r} in:\n{output}"
+    return lines[-1][len(prefix):].strip()
+
+
+@pytest.fixture(scope="module")
+def checkouts(tmp_path_factory: pytest.TempPathFactory):
+    apps = (copy_app(tmp_path_factory.mktemp("checkout-a") / "app"), copy_app(tmp_path_factory.mktemp("checkout-b") / "app"))
+    yield apps
+    for app in apps:
+        PrivateSuperLink(app).stop()
+        assert processes_with_env(SUPERLINK_MARKER, str(app)) == [], f"processes of {app} outlived the tests"
+
+
+@pytest.fixture(scope="module")
+def smoke_a(checkouts) -> tuple[subprocess.CompletedProcess, float]:
+    """Checkout A's default smoke (3 rounds), on 4 SuperNodes."""
+    started = time.time()
+    result = cli("smoke", str(checkouts[0]), "--num-supernodes", SUPERNODES)
+    return result, time.time() - started
+
+
+def test_smoke_output_is_short_and_ends_with_the_next_commands(checkouts, smoke_a):
+    app = checkouts[0]
+    result, _ = smoke_a
+    output = result.stdout
+    assert result.returncode == 0, output
+    lines = output.splitlines()
+    assert len(lines) <= MAX_OUTPUT_LINES, output
+    assert [line.strip().split(" · ")[0] for line in lines if line.strip().startswith("round ")] == [
+        "round 1/3", "round 2/3", "round 3/3"]
+    assert "Traceback" not in output and "WARNING" not in output
+    assert "Private SuperLink of this checkout started on 127.0.0.1:" in lines[0] and "--stop" in lines[0]
+
+    run_dir = Path(value_after(output, "Run folder:"))
+    checkpoint = Path(value_after(output, "Final checkpoint:"))
+    assert run_dir.parent == app / "results" and run_dir.is_dir()
+    assert checkpoint == run_dir / "peft_3" and (checkpoint / "adapter_config.json").is_file()
+    tiny_model = app / ".smoke" / "tiny-model"
+    assert (f"flowertune-finance eval --base-model-name-path {tiny_model} --peft-path {checkpoint} "
+            "--quantization 0") in output
+    assert f"flowertune-finance plot {run_dir}" in output
+    assert f"flowertune-finance submit {run_dir} --app-dir {app}" in output
+    assert lines[-1].strip().startswith(f"flowertune-finance smoke --stop {app}")
+    _, log_file = submitted(output)
+    assert log_file.is_file() and len(log_file.read_text().splitlines()) > len(lines)  # the full log is kept
+
+
+def test_two_checkouts_never_share_a_superlink(checkouts, smoke_a):
+    app_a, app_b = checkouts
+    assert smoke_a[0].returncode == 0, smoke_a[0].stdout
+    (app_b / "venv-in-app").mkdir()
+    (app_b / "venv-in-app" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    result = cli("smoke", str(app_b), "--num-supernodes", SUPERNODES, "--rounds", "1")
+    assert result.returncode == 0, result.stdout
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "venv-in-app" in warnings[0] and "outside the app folder" in warnings[0]
+
+    record_a, record_b = PrivateSuperLink(app_a).running(), PrivateSuperLink(app_b).running()
+    assert record_a is not None and record_b is not None
+    assert record_a.port != record_b.port and record_a.pid != record_b.pid
+    assert (record_a.flwr_home, record_b.flwr_home) == (str(app_a / ".smoke/flwr-home"), str(app_b / ".smoke/flwr-home"))
+    assert record_a.python == record_b.python == launch.current_python()
+    for record in (record_a, record_b):
+        assert launch._owns_listener(record.pid, record.port)  # each port is held by that checkout's SuperLink
+        assert record.port not in (39091, 39093)  # never Flower's shared default ports
+    # each run is known only to its own checkout's SuperLink
+    run_a, run_b = submitted(smoke_a[0].stdout)[0], submitted(result.stdout)[0]
+    assert run_ids(app_a) == [run_a]
+    assert run_ids(app_b) == [run_b]
+    for app in (app_a, app_b):  # each run's app bundle was installed into its own checkout's Flower home
+        assert any((app / ".smoke" / "flwr-home" / "apps").iterdir())
+
+
+def test_ctrl_c_stops_the_run_it_started(checkouts, smoke_a):
+    app = checkouts[0]
+    before = PrivateSuperLink(app).running()
+    assert before is not None
+    smoke = subprocess.Popen(
+        [sys.executable, "-m", "flowertune_finance.cli", "smoke", str(app), "--num-supernodes", SUPERNODES,
+         "--rounds", "20"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = []
+    try:
+        for line in smoke.stdout:
+            seen.append(line)
+            if line.startswith("Run folder:"):  # the ServerApp is running the run
+                break
+        smoke.send_signal(signal.SIGINT)
+        after = smoke.stdout.read().splitlines()
+        smoke.wait(timeout=120)
+    finally:
+        if smoke.poll() is None:
+            smoke.kill()
+    output = "".join(seen)
+    assert "reused on 127.0.0.1" in seen[0], output  # the second smoke of a checkout reuses its SuperLink
+    assert PrivateSuperLink(app).running().pid == before.pid
+    run_id, _ = submitted(output)
+    assert smoke.returncode == 130, (output, after)
+    assert len(after) == 1 and after[0].startswith(f"Interrupted: run {run_id} stopped (status finished:stopped)")
+
+    superlink = PrivateSuperLink(app)
+    assert launch.run_status(run_id, superlink.cli_env(), [launch.SMOKE_CONNECTION]) == "finished:stopped"
+    time.sleep(10)  # not completed later either
+    assert launch.run_status(run_id, superlink.cli_env(), [launch.SMOKE_CONNECTION]) == "finished:stopped"
+    run_dir = Path(value_after(output, "Run folder:"))
+    assert not (run_dir / "peft_20").exists()
+    # nothing of the stopped run is left behind: every process is the SuperLink or a child of one of its processes
+    ours = set(processes_with_env(SUPERLINK_MARKER, str(app)))
+    assert before.pid in ours and all(pid == before.pid or launch._parent(pid) in ours for pid in ours)
+
+
+def test_stop_stops_only_that_checkouts_superlink(checkouts, smoke_a):
+    app_a, app_b = checkouts
+    record_a = PrivateSuperLink(app_a).running()
+    assert record_a is not None
+    result = cli("smoke", str(app_a), "--stop", timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"Stopped the private SuperLink of {app_a} (pid {record_a.pid})."
+    assert processes_with_env(SUPERLINK_MARKER, str(app_a)) == []
+    assert not (app_a / ".smoke" / "superlink.json").exists()
+    record_b = PrivateSuperLink(app_b).running()
+    if record_b is not None:  # B's own test ran: its SuperLink is untouched
+        assert launch._healthy(record_b.port)
+    assert cli("smoke", str(app_a), "--stop", timeout=120).stdout.strip() == (
+        f"No private SuperLink is running for {app_a}.")
+
+
+def test_port_conflict_and_another_python_start_a_fresh_superlink(tmp_path):
+    superlink = PrivateSuperLink(tmp_path / "app")
+    first, second = superlink.candidate_ports()[:2]
+    assert PrivateSuperLink(tmp_path / "app").candidate_ports()[:2] == [first, second]  # stable per path
+    assert PrivateSuperLink(tmp_path / "other").candidate_ports()[0] != first
+    try:
+        with socket.socket() as squatter:  # a foreign listener on the checkout's first port
+            squatter.bind(("127.0.0.1", first))
+            squatter.listen()
+            record, note = superlink.ensure()
+        assert note == "started" and record.port != first
+        assert json.loads(superlink.record_path.read_text())["port"] == record.port
+        assert launch._owns_listener(record.pid, record.port)
+
+        again, note = superlink.ensure()  # the recorded port stays, the SuperLink is reused
+        assert (note, again.pid, again.port) == ("reused", record.pid, record.port)
+
+        stored = json.loads(superlink.record_path.read_text())
+        stored.update(python="/elsewhere/bin/python", environment="/elsewhere|/elsewhere/bin/python3.11")
+        superlink.record_path.write_text(json.dumps(stored))
+        fresh, note = superlink.ensure()
+        assert note.startswith("restarted (the previous one ran /elsewhere/bin/python")
+        assert fresh.pid != record.pid and not superlink._is_ours(record.pid)
+        assert fresh.environment == launch.current_environment()
+    finally:
+        superlink.stop()
+    assert processes_with_env(SUPERLINK_MARKER, str(superlink.app_dir)) == []
+
+
+def test_a_foreign_listener_answering_health_is_not_taken_for_ours():
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        assert launch._healthy(port) and not launch._port_free(port)
+        assert launch._owns_listener(os.getpid(), port)
+        assert not launch._owns_listener(os.getppid(), port)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_failed_run_is_reported_with_its_reason(tmp_path):
+    """`flwr run --stream` exits 0 when a run fails; the smoke must not."""
+    superlink = PrivateSuperLink(copy_app(tmp_path / "app"))
+    try:
+        superlink.ensure()
+        model = launch.ensure_tiny_model(superlink.folder / "tiny-model")
+        run_config = launch.smoke_run_config(superlink.app_dir, model, rounds=1)
+        run_config["train.learning-rate-min"] = 1.0  # above the maximum: the ServerApp refuses to start
+        shown: list[str] = []
+        with pytest.raises(launch.RunFailed) as failure:
+            launch.run_smoke(superlink, run_config, num_supernodes=4, say=shown.append)
+    finally:
+        superlink.stop()
+    message = str(failure.value)
+    assert "finished:failed" in message and "'train.learning-rate-min' = 1.0" in message
+    assert message.splitlines()[-1].startswith("Full log: ") and Path(message.splitlines()[-1][10:]).is_file()
+    assert len(shown) == 1 and shown[0].startswith("Run ")  # nothing else was printed along the way
+    assert processes_with_env(SUPERLINK_MARKER, str(superlink.app_dir)) == []
