@@ -17,10 +17,10 @@ from typing import Any
 
 from datasets import Dataset
 
+from flowertune_finance.prompts import PROMPT_FORMATS
+
 REQUIRED_COLUMNS = ("instruction", "input", "output")
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-RESPONSE_TEMPLATE = "\n### Response:"  # the reference's completion-only collator masks up to its last match
 SENTIMENTS = ("positive", "negative", "neutral")
 GRADES = ("", "mildly ", "moderately ", "strong ", "strongly ")
 KNOWN_LABELS = frozenset(grade + sentiment for grade in GRADES for sentiment in SENTIMENTS)
@@ -28,26 +28,6 @@ KNOWN_LABELS = frozenset(grade + sentiment for grade in GRADES for sentiment in 
 
 class DataError(ValueError):
     """The training data is missing, malformed, or lacks a required column."""
-
-
-def format_prompt(instruction: str, text: str, prompt_format: str = "alpaca") -> str:
-    """The prompt a model sees before the label, in one of the supported formats.
-
-    `answer` is the evaluation prompt and ends with "Answer: " (trailing space), exactly
-    as the leaderboard feeds it; `alpaca` folds the input into the instruction like the
-    upstream template and ends with "### Response:".
-    """
-    text = text or ""  # a null input is an empty one, as the leaderboard's prompt builder treats it
-    if prompt_format == "answer":
-        return f"Instruction: {instruction}\nInput: {text}\nAnswer: "
-    if prompt_format == "alpaca":
-        return f"{ALPACA_HEADER}\n### Instruction:\n{instruction} {text}\n### Response:"
-    raise ValueError(f"prompt format {prompt_format!r} is not supported; allowed: alpaca, answer")
-
-
-def format_completion(output: str, prompt_format: str = "alpaca") -> str:
-    """The label text trained on; alpaca puts the space after "Response:" in the completion."""
-    return output if prompt_format == "answer" else f" {output}"
 
 
 def _builder(path: Path) -> str:
@@ -202,52 +182,10 @@ def load_tokenizer(model_name: str):
     return tokenizer
 
 
-def tokenize_example(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
-    """Token ids and completion mask for one prompt/completion pair of the `answer` format.
-
-    The prompt is tokenized on its own, exactly as an evaluator tokenizes it, so the
-    context the model learns to continue is the context it is scored on. The completion
-    takes the ids that follow the prompt in the joint tokenization when the prompt's ids
-    are a prefix of it (the natural split), otherwise its own ids. EOS closes it.
-    """
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    joint_ids = tokenizer(prompt + completion)["input_ids"]
-    if joint_ids[: len(prompt_ids)] == prompt_ids:
-        completion_ids = joint_ids[len(prompt_ids):]
-    else:
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    completion_ids = completion_ids + [tokenizer.eos_token_id]
-    return {
-        "input_ids": prompt_ids + completion_ids,
-        "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
-    }
-
-
-def tokenize_alpaca_example(tokenizer, text: str, seq_length: int) -> dict[str, list[int]]:
-    """The reference template's example: `text` tokenized whole (BOS, no EOS), truncated to
-    `seq_length`, with loss on the tokens after the last match of the response template's ids
-    (`encode("\\n### Response:")[2:]`, as its completion-only collator does); none if it is cut off."""
-    ids = tokenizer(text)["input_ids"][:seq_length]
-    template = tokenizer.encode(RESPONSE_TEMPLATE, add_special_tokens=False)[2:]
-    starts = [i for i in range(len(ids) - len(template) + 1) if ids[i:i + len(template)] == template]
-    end = starts[-1] + len(template) if starts else len(ids)
-    return {"input_ids": ids, "completion_mask": [0] * end + [1] * (len(ids) - end)}
-
-
-def tokenize_row(tokenizer, row: dict[str, Any], prompt_format: str, seq_length: int) -> dict[str, list[int]]:
-    """One data row as trainer-ready ids and completion mask, in the run's prompt format."""
-    prompt = format_prompt(row["instruction"], row["input"], prompt_format)
-    completion = format_completion(row["output"], prompt_format)
-    if prompt_format == "alpaca":
-        return tokenize_alpaca_example(tokenizer, prompt + completion, seq_length)
-    return {key: ids[:seq_length] for key, ids in tokenize_example(tokenizer, prompt, completion).items()}
-
-
 def tokenize_partition(partition: Dataset, tokenizer, prompt_format: str, seq_length: int) -> Dataset:
     """Pre-tokenized examples in the shape TRL's SFTTrainer accepts (`input_ids`, `completion_mask`)."""
-    return partition.map(
-        lambda row: tokenize_row(tokenizer, row, prompt_format, seq_length), remove_columns=partition.column_names
-    )
+    tokenize = PROMPT_FORMATS[prompt_format].tokenize
+    return partition.map(lambda row: tokenize(tokenizer, row, seq_length), remove_columns=partition.column_names)
 
 
 def check_examples_fit(rows: Sequence[dict[str, Any]], tokenizer, prompt_format: str, seq_length: int) -> None:
@@ -255,7 +193,7 @@ def check_examples_fit(rows: Sequence[dict[str, Any]], tokenizer, prompt_format:
     naming the longest example and the value that fits."""
     lengths = []
     for row in rows:
-        full = tokenize_row(tokenizer, row, prompt_format, 10**9)
+        full = PROMPT_FORMATS[prompt_format].tokenize(tokenizer, row, 10**9)
         prompt_tokens = full["completion_mask"].index(1) if 1 in full["completion_mask"] else len(full["input_ids"])
         lengths.append((len(full["input_ids"]), prompt_tokens))
     longest, prompt_tokens = max(lengths)

@@ -36,10 +36,10 @@ from typing import Any
 import tomli_w
 
 from flowertune_finance import tiny
+from flowertune_finance.leaderboard import NUM_SUPERNODES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_DATA = PACKAGE_DIR / "data" / "fingpt_sentiment_sample.jsonl"
-NUM_SUPERNODES = 50  # fixed by the leaderboard rules
 
 # The CPU smoke: same app, same code path, only the run config differs from the real run.
 SMOKE_RUN_CONFIG: dict[str, Any] = {

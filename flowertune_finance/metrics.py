@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB  # noqa: F401  (progress lines and plots)
+
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"  # the run config, kept next to the checkpoints
-COMMUNICATION_BUDGET_MB = 200_000.0  # the leaderboard's budget for a whole run
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

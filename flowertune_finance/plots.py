@@ -15,7 +15,8 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB, METRICS_FILE, RUN_CONFIG, format_duration, read_metrics
+from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
+from flowertune_finance.metrics import METRICS_FILE, RUN_CONFIG, format_duration, read_metrics
 
 PLOTS_DIR = "plots"
 EVAL_PREFIX = "eval_"

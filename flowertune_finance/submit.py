@@ -32,14 +32,15 @@ from flowertune_finance.checkpoint import (
 )
 from flowertune_finance.config import ConfigError, parse_run_config
 from flowertune_finance.generation import file_sha256
-from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB, METRICS_FILE, RUN_CONFIG
+from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB, STATIC_DATASET_NAME
+from flowertune_finance.leaderboard import DATASETS as LEADERBOARD_DATASETS
+from flowertune_finance.leaderboard import NUM_SUPERNODES as LEADERBOARD_SUPERNODES
+from flowertune_finance.leaderboard import QUANTIZATION as LEADERBOARD_QUANTIZATION
+from flowertune_finance.leaderboard import SET_SIZES as LEADERBOARD_SET_SIZES
+from flowertune_finance.metrics import METRICS_FILE, RUN_CONFIG
 
-LEADERBOARD_DATASETS = ("fpb", "fiqa", "tfns")
-LEADERBOARD_STATIC = {"static.dataset.name": "flwrlabs/fingpt-sentiment-train"}
-LEADERBOARD_SUPERNODES = 50
-LEADERBOARD_SET_SIZES = {"fpb": 1212, "fiqa": 304, "tfns": 2388}  # examples the leaderboard scores per set
+LEADERBOARD_STATIC = {"static.dataset.name": STATIC_DATASET_NAME}
 LEADERBOARD_MODE = "protocol"  # `eval --mode`: only the official computation counts
-LEADERBOARD_QUANTIZATION = 4  # the leaderboard requires its script with --quantization=4
 # "Accuracy: {acc}. " with Python's float text (it always has a "." or an exponent): a truncated file fails to match
 ACCURACY_PATTERN = re.compile(r"^Accuracy:\s*([0-9]+\.[0-9]+(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+)\.$")
 RUN_EVAL_DIR = "eval"  # where `eval` writes the scores of a run's checkpoint, inside the run folder

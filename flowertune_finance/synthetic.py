@@ -9,6 +9,7 @@ held-out sentences about companies it never saw. The shipped sample
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -134,8 +135,11 @@ def write_eval_sets(
     Each `data_dir/<name>` has the hub data set's splits, columns and label encodings, so the
     evaluation code reads them exactly as it reads the real ones (`--data-dir`); the text is
     synthetic, so labels follow from the words. Existing folders are never overwritten.
+    Prints each folder and how many test examples the protocol takes from it (FPB and FiQA:
+    the 25% test split, rounded up as `train_test_split` does; TFNS: all of validation).
     """
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     unknown = [name for name in datasets if name not in EVAL_SETS]
     if unknown:
@@ -150,22 +154,32 @@ def write_eval_sets(
     def texts(n: int, offset: int) -> list[tuple[str, str]]:
         return list(sentences(n, seed * 1000 + offset, companies))
 
-    for name in datasets:
-        if name == "fpb":
-            rows = texts(rows_per_set, 1)
-            features = Features({"sentence": Value("string"), "label": ClassLabel(names=list(LABELS))})
-            splits = {"train": Dataset.from_dict(
-                {"sentence": [t for t, _ in rows], "label": [LABELS.index(lab) for _, lab in rows]}, features=features)}
-        elif name == "fiqa":
-            sizes = {"train": rows_per_set - 2 * (rows_per_set // 5), "validation": rows_per_set // 5,
-                     "test": rows_per_set // 5}
-            splits = {split: Dataset.from_dict(_fiqa_rows(size, seed * 1000 + 10 + i, companies))
-                      for i, (split, size) in enumerate(sizes.items())}
-        else:
-            splits = {}
-            for i, split in enumerate(("train", "validation")):
-                rows = texts(rows_per_set, 20 + i)
-                splits[split] = Dataset.from_dict(
-                    {"text": [t for t, _ in rows], "label": [TFNS_LABEL_IDS[lab] for _, lab in rows]})
-        DatasetDict(splits).save_to_disk(str(data_dir / name))
+    test_examples = {"fpb": math.ceil(0.25 * rows_per_set), "fiqa": math.ceil(0.25 * rows_per_set),
+                     "tfns": rows_per_set}
+    bars_were_off = are_progress_bars_disabled()
+    disable_progress_bars()  # a save_to_disk bar per split says nothing here
+    try:
+        for name in datasets:
+            if name == "fpb":
+                rows = texts(rows_per_set, 1)
+                features = Features({"sentence": Value("string"), "label": ClassLabel(names=list(LABELS))})
+                splits = {"train": Dataset.from_dict(
+                    {"sentence": [t for t, _ in rows], "label": [LABELS.index(lab) for _, lab in rows]},
+                    features=features)}
+            elif name == "fiqa":
+                sizes = {"train": rows_per_set - 2 * (rows_per_set // 5), "validation": rows_per_set // 5,
+                         "test": rows_per_set // 5}
+                splits = {split: Dataset.from_dict(_fiqa_rows(size, seed * 1000 + 10 + i, companies))
+                          for i, (split, size) in enumerate(sizes.items())}
+            else:
+                splits = {}
+                for i, split in enumerate(("train", "validation")):
+                    rows = texts(rows_per_set, 20 + i)
+                    splits[split] = Dataset.from_dict(
+                        {"text": [t for t, _ in rows], "label": [TFNS_LABEL_IDS[lab] for _, lab in rows]})
+            DatasetDict(splits).save_to_disk(str(data_dir / name))
+            print(f"wrote {data_dir / name}: {test_examples[name]} test examples under the protocol's split")
+    finally:
+        if not bars_were_off:
+            enable_progress_bars()
     return data_dir

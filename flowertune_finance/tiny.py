@@ -19,7 +19,7 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 def _training_corpus() -> list[str]:
     """Text the tokenizer is trained on: sentences, instructions and both prompt formats."""
-    from flowertune_finance.dataset import format_prompt  # deferred: dataset imports datasets
+    from flowertune_finance.prompts import format_prompt
 
     texts = [text for text, _ in synthetic.sentences(600, seed=7)]
     texts += [text for text, _ in synthetic.sentences(200, seed=8, companies=synthetic.HELD_OUT_COMPANIES)]
@@ -49,7 +49,9 @@ def build_tokenizer(vocab_size: int = 1024):
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    # left padding, as batched generation with a decoder-only model expects
+    # (the official evaluation pads on the tokenizer's own side)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **SPECIAL_TOKENS)
 
 
 def build_tiny_model(

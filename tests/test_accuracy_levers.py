@@ -8,7 +8,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from flowertune_finance import models, synthetic, training
 from flowertune_finance.config import ConfigError, ModelConfig, StrategyConfig, parse_run_config
-from flowertune_finance.dataset import format_completion, format_prompt, load_partition
+from flowertune_finance.dataset import load_partition
+from flowertune_finance.prompts import format_completion, format_prompt
 from flowertune_finance.strategy import build_strategy
 
 INSTRUCTION = synthetic.INSTRUCTION_NEWS

@@ -272,7 +272,8 @@ def test_non_utf8_data_file_names_the_file_and_line(saved, tmp_path):
 
 
 def test_null_input_is_an_empty_input(tmp_path):
-    from flowertune_finance.dataset import format_prompt, validate_data_file
+    from flowertune_finance.dataset import validate_data_file
+    from flowertune_finance.prompts import format_prompt
 
     data = write_rows(tmp_path / "null-input.jsonl", [GOOD_ROW, {**GOOD_ROW, "input": None}])
     assert len(validate_data_file(data)) == 2

@@ -9,14 +9,13 @@ import pytest
 from flowertune_finance import synthetic
 from flowertune_finance.dataset import (
     DataError,
-    format_prompt,
     load_partition,
     load_tokenizer,
-    tokenize_example,
     tokenize_partition,
     validate_data_file,
 )
 from flowertune_finance.launch import SAMPLE_DATA
+from flowertune_finance.prompts import format_prompt, tokenize_prompt_then_label
 
 INSTRUCTION = synthetic.INSTRUCTION_NEWS
 TEXT = "Alder Corp posted strong sales."
@@ -33,12 +32,11 @@ def test_answer_prompt_is_the_evaluation_prompt():
     assert format_prompt(INSTRUCTION, TEXT, "answer") == f"Instruction: {INSTRUCTION}\nInput: {TEXT}\nAnswer: "
 
 
-@pytest.mark.parametrize("prompt_format", ["alpaca", "answer"])
-def test_prompt_tokens_are_exactly_what_an_evaluator_feeds(tiny_model, prompt_format):
+def test_answer_prompt_tokens_are_exactly_what_an_evaluator_feeds(tiny_model):
+    """(alpaca's tokens are the reference's, whole-text: tests/test_reference_parity.py)"""
     tokenizer = load_tokenizer(str(tiny_model))
-    prompt = format_prompt(INSTRUCTION, TEXT, prompt_format)
-    completion = "positive" if prompt_format == "answer" else " positive"
-    example = tokenize_example(tokenizer, prompt, completion)
+    prompt = format_prompt(INSTRUCTION, TEXT, "answer")
+    example = tokenize_prompt_then_label(tokenizer, prompt, "positive", 512)
     prompt_ids = tokenizer(prompt)["input_ids"]
     n = len(prompt_ids)
     assert example["input_ids"][:n] == prompt_ids

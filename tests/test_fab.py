@@ -1,4 +1,4 @@
-"""`flwr build` packages what Flower Hub users receive: the package and config, nothing else."""
+"""`flwr build` packages the Flower app and its config: no harness, tools, tests, benchmarks or outputs."""
 
 from __future__ import annotations
 
@@ -32,5 +32,7 @@ def test_fab_holds_the_package_and_config_but_no_results_tests_or_venvs(tmp_path
     assert "pyproject.toml" in names
     for module in ("server_app.py", "client_app.py", "models.py", "dataset.py", "strategy.py", "config.py"):
         assert f"flowertune_finance/{module}" in names
-    assert "flowertune_finance/data/fingpt_sentiment_sample.jsonl" in names
+    harness = ("tiny", "synthetic", "proof", "launch", "deployment", "credentials", "cli", "submit", "hub", "presets")
+    assert not [n for n in names if n in {f"flowertune_finance/{m}.py" for m in harness}], names
+    assert not [n for n in names if n.startswith(("flowertune_finance/data/", "benchmarks/", "configs/"))], names
     assert not [n for n in names if n.startswith(("results/", ".smoke/", ".venv/", "tests/"))], names

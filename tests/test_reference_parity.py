@@ -9,7 +9,8 @@ import torch
 from flowertune_finance import models, synthetic, training
 from flowertune_finance.training_arguments import sft_arguments
 from flowertune_finance.config import ConfigError, ModelConfig, parse_run_config
-from flowertune_finance.dataset import load_tokenizer, tokenize_row
+from flowertune_finance.dataset import load_tokenizer
+from flowertune_finance.prompts import PROMPT_FORMATS
 from flowertune_finance.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
 from flowertune_finance.tiny import build_tiny_model
 
@@ -92,7 +93,7 @@ def reference_alpaca_ids(tokenizer, row, seq_length):
 def test_alpaca_examples_are_the_references_token_for_token(tiny_model, seq_length):
     tokenizer = load_tokenizer(str(tiny_model))
     for row in synthetic.fingpt_rows(20, seed=9):
-        example = tokenize_row(tokenizer, row, "alpaca", seq_length)
+        example = PROMPT_FORMATS["alpaca"].tokenize(tokenizer, row, seq_length)
         ids, labels = reference_alpaca_ids(tokenizer, row, seq_length)
         assert example["input_ids"] == ids
         assert [t if m else -100 for t, m in zip(example["input_ids"], example["completion_mask"])] == labels
@@ -105,7 +106,7 @@ def test_alpaca_ids_are_pinned_for_the_tiny_tokenizer(tiny_model):
     """The exact ids of one example, so a tokenizer or formatting change cannot pass unnoticed."""
     tokenizer = load_tokenizer(str(tiny_model))
     row = {"instruction": "What is the sentiment?", "input": "Profit rose.", "output": "positive"}
-    example = tokenize_row(tokenizer, row, "alpaca", 512)
+    example = PROMPT_FORMATS["alpaca"].tokenize(tokenizer, row, 512)
     text = tokenizer.decode(example["input_ids"], skip_special_tokens=False)
     assert text.startswith("<s>") and text.endswith("### Response: positive")
     label_ids = [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m]
@@ -114,7 +115,7 @@ def test_alpaca_ids_are_pinned_for_the_tiny_tokenizer(tiny_model):
 
 def test_answer_format_closes_the_label_with_eos(tiny_model):
     tokenizer = load_tokenizer(str(tiny_model))
-    example = tokenize_row(tokenizer, {"instruction": "i", "input": "x", "output": "positive"}, "answer", 512)
+    example = PROMPT_FORMATS["answer"].tokenize(tokenizer, {"instruction": "i", "input": "x", "output": "positive"}, 512)
     assert example["input_ids"][-1] == tokenizer.eos_token_id and example["completion_mask"][-1] == 1
 
 
