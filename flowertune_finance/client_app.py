@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import flowertune_finance.quiet  # noqa: F401  (first: filters known library messages at their source)
-
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 

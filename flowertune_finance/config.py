@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,10 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flowertune_finance.prompts import PROMPT_FORMATS
+
 QUANTIZATIONS = (0, 4, 8)
 COMPUTE_DTYPES = ("float32", "bfloat16")
-PROMPT_FORMATS = ("alpaca", "answer")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 TRANSPORT_DTYPES = ("float32", "float16")
 TRAINING_ARGUMENTS_PREFIX = "train.training-arguments."
@@ -66,6 +68,20 @@ def below_one() -> tuple[str, Callable[[Any], bool]]:
     return "0 <= value < 1", lambda v: 0 <= v < 1
 
 
+ALL_LINEAR = "all-linear"
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def target_module_names(value: str) -> list[str]:
+    """The names of a comma-separated `model.lora.target-modules` list, stripped."""
+    return [name.strip() for name in value.split(",")]
+
+
+def valid_target_modules(value: str) -> bool:
+    """Syntax of `model.lora.target-modules`; whether the names exist is checked against the model."""
+    return value in ("", ALL_LINEAR) or all(_MODULE_NAME.match(name) for name in target_module_names(value))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Base model and LoRA adapter (everything that changes the model's shape or arithmetic)."""
@@ -77,7 +93,7 @@ class ModelConfig:
                                 *one_of(QUANTIZATIONS))
     gradient_checkpointing: bool = setting("model.gradient-checkpointing", True,
                                            "recompute activations in the backward pass (less memory)")
-    lora_r: int = setting("model.lora.peft-lora-r", 32, "LoRA rank (PEFT's default target modules)",
+    lora_r: int = setting("model.lora.peft-lora-r", 32, "LoRA rank",
                           *at_least(0, strict=True))
     lora_alpha: int = setting("model.lora.peft-lora-alpha", 64, "LoRA alpha", *at_least(0, strict=True))
     lora_dropout: float = setting("model.lora.peft-lora-dropout", 0.075, "LoRA dropout", *below_one())
@@ -85,6 +101,16 @@ class ModelConfig:
         "model.compute-dtype", "float32",
         "what the base layers compute in: float32 is the reference's 4-bit compute; bfloat16 is faster on a GPU",
         *one_of(COMPUTE_DTYPES))
+    lora_target_modules: str = setting(
+        "model.lora.target-modules", "",
+        "layers that get LoRA: empty = PEFT's default for the architecture (Mistral/Llama/Qwen2: q_proj, v_proj); "
+        "checked against the model's modules at start",
+        '"", "all-linear", or comma-separated module names such as "q_proj,k_proj,v_proj,o_proj"',
+        valid_target_modules)
+    lora_freeze_a: bool = setting(
+        "model.lora.freeze-a", False,
+        "true: FFA-LoRA, every A matrix stays at its seeded initialisation (derived by each client, checked by "
+        "checksum) and only B is trained and sent, both ways (half the traffic or less)")
 
 
 @dataclass(frozen=True)
@@ -105,7 +131,7 @@ class TrainConfig:
                               *at_least(0, strict=True))
     prompt_format: str = setting("train.prompt-format", "alpaca",
                                  "alpaca (the template's, token for token) or answer (the evaluation prompt + EOS)",
-                                 *one_of(PROMPT_FORMATS))
+                                 *one_of(tuple(PROMPT_FORMATS)))
     transport_dtype: str = setting("train.transport-dtype", "float32",
                                    "float16 halves communication; aggregation stays fp32", *one_of(TRANSPORT_DTYPES))
     cache_base_model: bool = setting("train.cache-base-model", True,

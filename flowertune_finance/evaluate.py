@@ -20,19 +20,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from flowertune_finance.prompts import format_prompt
-from flowertune_finance.leaderboard import (
-    DATASETS,
-    FPB_LABELS,
-    INSTRUCTION,
-    SOURCES,
-    SPLIT_SEED,
-    TEST_SIZE,
-    TFNS_LABELS,
-    Source,
-    fiqa_label,
-    parse_label,
-)
 from flowertune_finance.generation import (
     DTYPES,
     MAX_LENGTH,
@@ -46,6 +33,19 @@ from flowertune_finance.generation import (
     load_model,
     load_tokenizer,
 )
+from flowertune_finance.leaderboard import (
+    DATASETS,
+    FPB_LABELS,
+    INSTRUCTION,
+    SOURCES,
+    SPLIT_SEED,
+    TEST_SIZE,
+    TFNS_LABELS,
+    Source,
+    fiqa_label,
+    parse_label,
+)
+from flowertune_finance.prompts import format_prompt
 
 BARE_MODEL_OUTPUT_DIR = Path("results") / "eval"  # where `eval` writes when no adapter is scored
 

@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB  # noqa: F401  (progress lines and plots)
-
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"  # the run config, kept next to the checkpoints
 

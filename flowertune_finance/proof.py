@@ -22,7 +22,7 @@ import torch
 
 from flowertune_finance import launch, synthetic, tiny
 from flowertune_finance.checkpoint import latest_checkpoint
-from flowertune_finance.dataset import format_completion, format_prompt, tokenize_example
+from flowertune_finance.prompts import format_completion, format_prompt, tokenize_prompt_then_label
 
 PROMPT_INSTRUCTIONS = (synthetic.INSTRUCTION_NEWS, synthetic.INSTRUCTION_TWEET)
 
@@ -71,7 +71,7 @@ def pretraining_examples(tokenizer, num_examples: int, seed: int) -> list[list[i
         prompt_format = "answer" if i % 4 == 1 else "alpaca"
         prompt = format_prompt(rng.choice(PROMPT_INSTRUCTIONS), text, prompt_format)
         completion = format_completion(rng.choice(synthetic.LABELS), prompt_format)
-        examples.append(tokenize_example(tokenizer, prompt, completion)["input_ids"])
+        examples.append(tokenize_prompt_then_label(tokenizer, prompt, completion, 10**9)["input_ids"])
     return examples
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from peft import LoraConfig
@@ -29,17 +29,20 @@ from flowertune_finance.checkpoint import (
     write_run_config,
 )
 from flowertune_finance.config import AppConfig, check_local_paths, parse_run_config
+from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
+from flowertune_finance.metrics import METRICS_FILE, append_metrics, progress_line
+from flowertune_finance.models import FROZEN_A_CHECKSUM_KEY, adapter_checksum, cosine_annealing, initial_adapter
 from flowertune_finance.preflight import preflight
-from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB, METRICS_FILE, append_metrics, progress_line
-from flowertune_finance.models import cosine_annealing, initial_adapter
-from flowertune_finance.plots import plot_run
-from flowertune_finance.server_eval import ServerEvaluator
-from flowertune_finance.strategy import FlowerTuneMixin, build_strategy
+from flowertune_finance.strategy import CommunicationPlan, FlowerTuneMixin, build_strategy, plan_communication
+
+if TYPE_CHECKING:
+    from flowertune_finance.server_eval import ServerEvaluator
 
 app = ServerApp()
 
 CLIENT_PHASES = ("model", "data", "setup", "train", "steps", "serialize")  # clients' `time-*`; steps within train
 ETA_WINDOW_ROUNDS = 10  # the ETA averages this many recent rounds, so start-up cost fades out
+PROJECTION_FILE = "projected_communication.json"  # the plan of a run, next to run_config.json
 
 
 @dataclass
@@ -53,18 +56,49 @@ class RunSetup:
     communication_mb: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     run_uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # tells one run's checkpoints from another's
+    # model.lora.freeze-a: the fixed A matrices, kept here (for checkpoints and evaluation); they never travel
+    frozen_a: dict[str, torch.Tensor] | None = None
+    projection: CommunicationPlan | None = None
+
+    def travelling(self) -> dict[str, torch.Tensor]:
+        """The arrays the strategy sends and averages: the whole adapter, or B only when A is frozen."""
+        return {key: value for key, value in self.adapter.items() if not self.frozen_a or key not in self.frozen_a}
+
+    def full_adapter(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The strategy's arrays completed with the frozen A matrices, in the adapter's key order (fp32)."""
+        received = arrays.to_torch_state_dict()
+        frozen = self.frozen_a or {}
+        return {key: (received[key] if key in received else frozen[key]).float()
+                for key in self.adapter if key in received or key in frozen}
+
+    def round_config(self) -> ConfigRecord:
+        """What every training message carries besides `server-round`: the checksum of the frozen A, if any."""
+        return ConfigRecord({FROZEN_A_CHECKSUM_KEY: adapter_checksum(self.frozen_a)} if self.frozen_a else {})
+
+
+# Model settings added after checkpoints were first written, with the value such a checkpoint was trained
+# with: a checkpoint that lacks one resumes as if it recorded that value.
+MODEL_SETTINGS_ADDED = {"lora_target_modules": "", "lora_freeze_a": False}
+
+
+def with_settings_added_since(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded settings, completed with `MODEL_SETTINGS_ADDED` it predates."""
+    if not isinstance(saved.get("model"), dict):
+        return saved
+    return {**saved, "model": {**MODEL_SETTINGS_ADDED, **saved["model"]}}
 
 
 def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
     """A fresh run folder with a new adapter, or the resumed run's folder and newest checkpoint."""
     adapter, lora = initial_adapter(config.model)
+    frozen_a = models.split_frozen(adapter)[0] if config.model.lora_freeze_a else None
     if not config.resume_from:
         run_dir = create_run_dir(config.output_dir)
         write_run_config(run_dir, run_config)
-        return RunSetup(run_dir=run_dir, start_round=0, adapter=adapter, lora=lora)
+        return RunSetup(run_dir=run_dir, start_round=0, adapter=adapter, lora=lora, frozen_a=frozen_a)
 
     checkpoint = resume_checkpoint(config.resume_from)
-    saved = checkpoint.state.get("settings", {})
+    saved = with_settings_added_since(checkpoint.state.get("settings", {}))
     current = json.loads(json.dumps(config.defining_settings()))
     if saved != current:
         changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
@@ -81,6 +115,13 @@ def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
     resumed = load_adapter(checkpoint.path)
     if set(resumed) != set(adapter) or any(resumed[k].shape != adapter[k].shape for k in adapter):
         raise CheckpointError(f"checkpoint {checkpoint.path} does not fit model {config.model.name!r} with this LoRA")
+    changed_a = sorted(key for key in frozen_a or {} if not torch.equal(resumed[key].float(), frozen_a[key]))
+    if changed_a:
+        raise CheckpointError(
+            f"cannot resume {config.resume_from!r} with model.lora.freeze-a: {len(changed_a)} A matrices of "
+            f"{checkpoint.path.name} (e.g. {changed_a[0]}) differ from the seeded initialisation derived here "
+            "(another torch version?); the clients would train on a different A"
+        )
     run_dir = checkpoint.path.parent.resolve()
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.exists():  # keep the crashed run's lines, restart the file from the checkpoint's history
@@ -103,6 +144,7 @@ def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
         communication_mb=float(checkpoint.state.get("communication_mb", 0.0)),
         history=history,
         run_uid=checkpoint.state.get("run_uid") or uuid.uuid4().hex,
+        frozen_a=frozen_a,
     )
 
 
@@ -131,6 +173,8 @@ class RoundRecorder:
             return None  # Flower's call before the first round: nothing trained yet
         self.round_ends.append(time.time())
         record = self.round_record(server_round)
+        if self.run.projection is not None and len(self.round_ends) == 2:  # the first round of this start
+            record["projected_mb"] = self.run.projection.projected_mb
         if self.evaluator is not None and self.evaluator.due(server_round):
             record.update(self.evaluate(arrays))
         append_metrics(self.run.run_dir, record)
@@ -167,7 +211,7 @@ class RoundRecorder:
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         """Server-side fast eval metrics (`eval_*`); a failure is logged and never stops training."""
         try:
-            return self.evaluator(arrays.to_torch_state_dict(), self.run.lora)
+            return self.evaluator(self.run.full_adapter(arrays), self.run.lora)
         except Exception as error:  # monitoring only: the run and its checkpoints matter more
             log(WARNING, "Server-side evaluation failed: %s: %s", type(error).__name__, error)
             return {}
@@ -207,11 +251,14 @@ class RoundRecorder:
                 for phase in CLIENT_PHASES
             },
             "client_base_model_loads": int(sum(m.get("base-model-loads", 0) for m in stats.client_metrics)),
+            "client_train_tokens": int(sum(m.get("train-tokens", 0) for m in stats.client_metrics)),
+            "client_peak_vram_mb": max((m["peak-vram-mb"] for m in stats.client_metrics if "peak-vram-mb" in m),
+                                       default=None),
             "server_base_model_loads": models.BASE_MODEL_LOADS,
         }
 
     def save(self, server_round: int, arrays: ArrayRecord) -> None:
-        adapter = {key: tensor.float() for key, tensor in arrays.to_torch_state_dict().items()}
+        adapter = self.run.full_adapter(arrays)  # with freeze-a: the kept A + the trained B
         state = {
             "num_server_rounds": self.config.num_server_rounds,
             "settings": self.config.defining_settings(),
@@ -233,8 +280,47 @@ def start_run(
     config = parse_run_config(run_config)
     check_local_paths(config)
     preflight(config, num_partitions)
-    evaluator = ServerEvaluator(config) if config.eval.every_rounds else None
-    return config, prepare_run(config, dict(run_config)), evaluator
+    evaluator = None
+    if config.eval.every_rounds:  # imported only when on: evaluation pulls in generation and data loaders
+        from flowertune_finance.server_eval import ServerEvaluator
+
+        evaluator = ServerEvaluator(config)
+    run = prepare_run(config, dict(run_config))
+    run.projection = project_communication(
+        config, num_partitions, run.travelling(), run.start_round, run.communication_mb)
+    report_projection(run)
+    return config, run, evaluator
+
+
+def project_communication(
+    config: AppConfig, num_supernodes: int, travelling: Mapping[str, Any] | None = None, start_round: int = 0,
+    spent_mb: float = 0.0, hf_config: Any = None,
+) -> CommunicationPlan:
+    """The run's communication from round `start_round` on, for `num_supernodes` connected nodes.
+
+    `travelling` holds the arrays (or shapes) that are sent; without it they come from the model's
+    config (`hf_config`, or the model's config file) on the meta device.
+    """
+    if travelling is None:
+        shapes = models.adapter_shapes(config.model, hf_config)
+        travelling = models.split_frozen(shapes)[1] if config.model.lora_freeze_a else shapes
+    shapes = {key: tuple(value.shape) if hasattr(value, "shape") else tuple(value) for key, value in travelling.items()}
+    return plan_communication(
+        shapes, config.train.transport_dtype, num_supernodes, config.strategy.fraction_train,
+        config.num_server_rounds - start_round, freeze_a=config.model.lora_freeze_a, spent_mb=spent_mb,
+    )
+
+
+def report_projection(run: RunSetup) -> None:
+    """Log the plan (one warning line when over budget) and keep it in the run folder."""
+    plan = run.projection
+    log(INFO, "%s", plan.summary())
+    if plan.warning():
+        log(WARNING, "%s", plan.warning())
+    name = PROJECTION_FILE if run.start_round == 0 else f"projected_communication.from-round-{run.start_round}.json"
+    path = run.run_dir / name
+    if not path.exists():  # a second resume from the same checkpoint keeps the first one's file
+        path.write_text(json.dumps({"start_round": run.start_round, **plan.as_dict()}, indent=2) + "\n")
 
 
 @app.main()
@@ -246,7 +332,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(config.strategy, run.start_round, run.communication_mb, config.train.transport_dtype)
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(run.adapter),
+        initial_arrays=ArrayRecord(run.travelling()),
+        train_config=run.round_config(),
         num_rounds=config.num_server_rounds - run.start_round,
         evaluate_fn=RoundRecorder(config, run, strategy, evaluator),
     )
@@ -257,6 +344,8 @@ def main(grid: Grid, context: Context) -> None:
 def write_plots(run_dir: Path) -> None:
     """The run's figures; a plotting problem is logged, never allowed to fail a finished run."""
     try:
+        from flowertune_finance.plots import plot_run  # at the end only: matplotlib is slow to import
+
         figures = plot_run(run_dir)
     except Exception as error:  # any failure here must leave the saved checkpoints and metrics a success
         log(WARNING, "Could not write the plots of %s: %s: %s", run_dir, type(error).__name__, error)

@@ -9,15 +9,17 @@ FedAdam, FedAvgM). It adds three things without copying their aggregation code:
   adapter stays as it was;
 - a round offset, so a resumed run continues its round numbering (and with it the
   learning-rate schedule the clients compute from `server-round`).
+`plan_communication` projects a run's total before it starts, with the same byte count.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -27,10 +29,93 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from flowertune_finance.config import STRATEGIES, ConfigError, StrategyConfig
-from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB
+from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
 
 MB = 1024**2
 FLOAT_DTYPES = ("float32", "float16")
+MIN_TRAIN_NODES = 2  # Flower's default: FedAvg samples max(int(nodes * fraction-train), this)
+
+
+def clients_per_round(num_nodes: int, fraction_train: float, min_train_nodes: int = MIN_TRAIN_NODES) -> int:
+    """How many clients Flower's FedAvg (and its subclasses) samples each round."""
+    return max(int(num_nodes * fraction_train), min_train_nodes)
+
+
+def array_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    """What `Array.count_bytes` counts for an array of this shape and dtype: the .npy payload and header."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    )
+    return len(header.getvalue()) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def record_bytes(shapes: Mapping[str, tuple[int, ...]], dtype: str) -> int:
+    """`ArrayRecord.count_bytes` of arrays with these names and shapes, without building them."""
+    return sum(array_bytes(shape, dtype) + len(key) for key, shape in shapes.items())
+
+
+@dataclass(frozen=True)
+class CommunicationPlan:
+    """A run's projected communication: what travels per client each way, times 2 directions,
+    times the clients sampled per round, times the rounds (plus what a resumed run already spent)."""
+
+    mb_per_client_each_way: float
+    clients_per_round: int
+    rounds: int  # rounds still to run
+    num_supernodes: int
+    transport_dtype: str
+    freeze_a: bool
+    spent_mb: float = 0.0
+    budget_mb: float = COMMUNICATION_BUDGET_MB
+
+    @property
+    def projected_mb(self) -> float:
+        return self.spent_mb + self.mb_per_client_each_way * 2 * self.clients_per_round * self.rounds
+
+    @property
+    def within_budget(self) -> bool:
+        return self.projected_mb <= self.budget_mb
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "projected_mb": self.projected_mb, "within_budget": self.within_budget}
+
+    def summary(self) -> str:
+        travels = "B only, A frozen" if self.freeze_a else "A and B"
+        spent = f" + {self.spent_mb:,.1f} MB already spent" if self.spent_mb else ""
+        return (
+            f"Projected communication: {self.mb_per_client_each_way:,.2f} MB per client each way "
+            f"({self.transport_dtype}; {travels}) x 2 directions x {self.clients_per_round} clients per round "
+            f"(of {self.num_supernodes} SuperNodes) x {self.rounds} rounds{spent} = {self.projected_mb:,.1f} MB "
+            f"of the {self.budget_mb:,.0f} MB budget ({100 * self.projected_mb / self.budget_mb:.1f}%)"
+        )
+
+    def warning(self) -> str | None:
+        if self.within_budget:
+            return None
+        return (
+            f"Projected communication {self.projected_mb:,.0f} MB exceeds the leaderboard budget of "
+            f"{self.budget_mb:,.0f} MB: lower num-server-rounds, strategy.fraction-train, the LoRA rank or "
+            "model.lora.target-modules, or set train.transport-dtype = \"float16\" or model.lora.freeze-a = true"
+        )
+
+
+def plan_communication(
+    travelling_shapes: Mapping[str, tuple[int, ...]],
+    transport_dtype: str,
+    num_supernodes: int,
+    fraction_train: float,
+    rounds: int,
+    freeze_a: bool = False,
+    spent_mb: float = 0.0,
+) -> CommunicationPlan:
+    """The plan for arrays of `travelling_shapes` sent as `transport_dtype` to and from each sampled client."""
+    return CommunicationPlan(
+        mb_per_client_each_way=record_bytes(travelling_shapes, transport_dtype) / MB,
+        clients_per_round=clients_per_round(num_supernodes, fraction_train),
+        rounds=rounds, num_supernodes=num_supernodes, transport_dtype=transport_dtype, freeze_a=freeze_a,
+        spent_mb=spent_mb,
+    )
 
 
 @dataclass
@@ -145,7 +230,8 @@ class FlowerTuneMixin:
     ) -> None:
         if transport_dtype not in FLOAT_DTYPES:
             raise ConfigError(
-                f"run config 'train.transport-dtype' = {transport_dtype!r} is not allowed; allowed: {', '.join(FLOAT_DTYPES)}"
+                f"run config 'train.transport-dtype' = {transport_dtype!r} is not allowed; "
+                f"allowed: {', '.join(FLOAT_DTYPES)}"
             )
         self.round_offset = round_offset
         self.communication_mb = communication_mb
@@ -189,7 +275,8 @@ class FlowerTuneMixin:
             if problem:
                 stats.rejected += 1
                 stats.problems[f"reply rejected: {problem}"] += 1
-                log(WARNING, "Round %s: rejected the reply of node %s: %s", server_round, reply.metadata.src_node_id, problem)
+                log(WARNING, "Round %s: rejected the reply of node %s: %s",
+                    server_round, reply.metadata.src_node_id, problem)
             else:
                 valid.append(reply)
         for reply in metric_key_outliers(valid):
@@ -248,7 +335,8 @@ def build_strategy(
     FedAdam's moments and FedAvgM's momentum live in the strategy object: a resumed run
     starts them afresh.
     """
-    common = {"fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate}
+    common = {"fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
+              "min_train_nodes": MIN_TRAIN_NODES}
     if config.name == "fedavg":
         strategy = FlowerTuneFedAvg(**common)
     elif config.name == "fedprox":
@@ -264,6 +352,8 @@ def build_strategy(
             server_momentum=config.fedavgm_server_momentum,
         )
     else:
-        raise ConfigError(f"run config 'strategy.name' = {config.name!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
-    strategy.setup_tracking(round_offset=round_offset, communication_mb=communication_mb, transport_dtype=transport_dtype)
+        raise ConfigError(
+            f"run config 'strategy.name' = {config.name!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
+    strategy.setup_tracking(
+        round_offset=round_offset, communication_mb=communication_mb, transport_dtype=transport_dtype)
     return strategy

@@ -427,6 +427,14 @@ def provenance_lines(summary: RunSummary, trained_on: str) -> list[str]:
     return lines
 
 
+def projection_lines(run_dir: Path) -> list[str]:
+    """The communication the ServerApp projected when the run started (`projected_communication.json`)."""
+    data, problem = _read_json(run_dir / "projected_communication.json")
+    if problem or not isinstance(data, dict) or not isinstance(data.get("projected_mb"), (int, float)):
+        return []
+    return [f"- communication projected at start: {data['projected_mb']:,.2f} MB"]
+
+
 def submission_markdown(summary: RunSummary) -> str:
     """SUBMISSION.md: the leaderboard row, the rule checks, provenance, and how this run differs from the defaults."""
     config = parse_run_config(summary.run_config)
@@ -445,7 +453,8 @@ def submission_markdown(summary: RunSummary) -> str:
         f"- {LEADERBOARD_SUPERNODES} SuperNodes connected in every round (1..{summary.rounds})",
         "- every round accepted at least one client reply (no round skipped)",
         f"- communication {summary.communication_mb:,.2f} MB within the {COMMUNICATION_BUDGET_MB:,.0f} MB budget",
-        f"- checkpoint of the last round: `{summary.checkpoint.name}`", "",
+        f"- checkpoint of the last round: `{summary.checkpoint.name}`",
+        *projection_lines(summary.run_dir), "",
         "## Evaluation provenance", "", *provenance_lines(summary, config.model.name), "",
     ]
     if config.dataset_path:

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from flowertune_finance import models
 from flowertune_finance.config import AppConfig
-from flowertune_finance.training_arguments import sft_arguments
 from flowertune_finance.dataset import DataError, load_partition, load_tokenizer, tokenize_partition
+from flowertune_finance.prompts import PROMPT_FORMATS
+from flowertune_finance.training_arguments import sft_arguments
 
 TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -56,10 +58,10 @@ def tokenized_partition(config: AppConfig, partition_id: int, num_partitions: in
         examples = with_labels(tokenized, config.train.seq_length)
         keep = [i for i, labels in enumerate(examples["labels"]) if any(label != -100 for label in labels)]
         if not keep:
-            prompt_tokens = len(tokenized[0]["input_ids"]) if len(tokenized) else 0
+            full = PROMPT_FORMATS[config.train.prompt_format].tokenize(tokenizer, partition[0], 10**9)["input_ids"]
             raise DataError(
                 f"no example keeps a label token within train.seq-length = {config.train.seq_length}; "
-                f"examples here are {prompt_tokens}+ tokens long: raise train.seq-length"
+                f"examples here are ~{len(full)} tokens long with their label: raise train.seq-length"
             )
         _TOKENIZED[key] = examples.select(keep) if len(keep) < len(examples) else examples
     return _TOKENIZED[key], tokenizer
@@ -79,18 +81,35 @@ def train_adapter(
     num_partitions: int,
     server_round: int,
     proximal_mu: float = 0.0,
+    frozen_a_sha256: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train `adapter` on the node's data for one round; return new weights and metrics.
 
     The trainer samples its batches from the whole partition, as the reference does
     (`max-steps` batches, or `num-train-epochs` passes with `max-steps = -1`).
     `proximal_mu` > 0 (sent by FedProx) adds the proximal term to the training loss.
+    With `model.lora.freeze-a`, `adapter` holds B only: A is derived here from the shared seed,
+    checked against the server's `frozen_a_sha256` before the base model loads, and left out
+    of the reply.
     """
     from flowertune_finance.proximal import ProximalSFTTrainer
 
     timings = {}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     loads_before = models.BASE_MODEL_LOADS
+    frozen_a = None
+    if config.model.lora_freeze_a:
+        frozen_a = models.frozen_lora_a(config.model)
+        models.check_frozen_a(frozen_a, frozen_a_sha256)
+        sent_a = sorted(set(adapter) & set(frozen_a))
+        if sent_a:
+            raise models.FrozenAdapterMismatch(
+                f"model.lora.freeze-a is true but the server sent A matrices (e.g. {sent_a[0]}); "
+                "the server and this node disagree on model.lora.freeze-a"
+            )
+        adapter = {**frozen_a, **adapter}
     if config.train.cache_base_model:
         model = models.cached_peft_model(config.model)
     else:
@@ -111,8 +130,11 @@ def train_adapter(
             model=model, args=sft_config(config, learning_rate, output_dir, server_round), train_dataset=examples,
             processing_class=tokenizer, proximal_mu=proximal_mu, callbacks=[step_timer],
         )
+        trainer.remove_callback(PrinterCallback)  # per-step dicts: the round's loss reaches the server's log
         # after TRL's bf16 cast of the LoRA weights: back to fp32, then the global adapter unrounded
         models.keep_adapter_fp32(model)
+        if frozen_a is not None:
+            models.freeze_lora_a(model)  # before the optimizer exists (it is built in train())
         models.set_adapter_state(model, adapter)
         timings["time-setup"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -122,15 +144,20 @@ def train_adapter(
 
     start = time.perf_counter()
     new_adapter = models.get_adapter_state(model, TRANSPORT_DTYPES[config.train.transport_dtype])
+    if frozen_a is not None:  # A never changed and never travels
+        new_adapter = models.split_frozen(new_adapter)[1]
     timings["time-serialize"] = time.perf_counter() - start
     metrics = {
         "train_loss": float(result.training_loss),
         "num-examples": len(examples),
         "learning-rate": learning_rate,
         "train-steps": int(result.global_step),
+        "train-tokens": int(getattr(trainer, "_total_train_tokens", 0)),  # TRL's count of non-padding tokens
         "base-model-loads": models.BASE_MODEL_LOADS - loads_before,
         **timings,
     }
+    if torch.cuda.is_available():  # every client of a run reports the same keys (FedAvg refuses to mix them)
+        metrics["peak-vram-mb"] = torch.cuda.max_memory_allocated() / 2**20
     return new_adapter, metrics
 
 

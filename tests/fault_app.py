@@ -7,6 +7,7 @@ the production ClientApp carries no test hooks.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message
@@ -14,7 +15,8 @@ from flwr.clientapp import ClientApp
 
 from flowertune_finance import client_app
 
-# server round -> partition-id -> fault ("raise": the client crashes; "nan": it replies with a NaN weight)
+# server round -> partition-id -> fault ("raise": the client crashes; "nan": it replies with a NaN weight;
+# "hang": the client never replies, so the round cannot end: a test kills the run while it waits)
 FAULTS = {
     1: {0: "raise", 1: "nan"},
     2: {0: "raise", 1: "raise", 2: "raise", 3: "nan", 4: "nan"},
@@ -23,6 +25,8 @@ FAULTS = {
 _OVERRIDE = Path(__file__).with_name("faults.json")
 if _OVERRIDE.is_file():
     FAULTS = {int(r): {int(p): f for p, f in faults.items()} for r, faults in json.loads(_OVERRIDE.read_text()).items()}
+
+HANG_SECONDS = 900  # bounded, so a test that forgets to kill the run still ends
 
 app = ClientApp()
 
@@ -34,6 +38,9 @@ def train(msg: Message, context: Context) -> Message:
     fault = FAULTS.get(server_round, {}).get(int(context.node_config["partition-id"]))
     if fault == "raise":
         raise RuntimeError(f"injected client failure in round {server_round}")
+    if fault == "hang":
+        time.sleep(HANG_SECONDS)
+        raise RuntimeError(f"injected hang in round {server_round} was not ended by the test")
     reply = client_app.train(msg, context)
     if fault == "nan":
         adapter = reply.content["arrays"].to_torch_state_dict()

@@ -26,7 +26,6 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flowertune_finance import cli, evaluate, synthetic
-from flowertune_finance.prompts import format_prompt
 from flowertune_finance.evaluate import (
     EvalError,
     answer_text,
@@ -38,6 +37,7 @@ from flowertune_finance.evaluate import (
 )
 from flowertune_finance.generation import check_adapter, load_model
 from flowertune_finance.metrics import read_metrics
+from flowertune_finance.prompts import format_prompt
 from flowertune_finance.server_app import RoundRecorder, start_run
 from flowertune_finance.server_eval import ServerEvaluator
 from flowertune_finance.strategy import RoundStats, build_strategy

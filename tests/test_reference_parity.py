@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from flowertune_finance import models, synthetic, training
-from flowertune_finance.training_arguments import sft_arguments
 from flowertune_finance.config import ConfigError, ModelConfig, parse_run_config
 from flowertune_finance.dataset import load_tokenizer
-from flowertune_finance.prompts import PROMPT_FORMATS
 from flowertune_finance.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
+from flowertune_finance.prompts import PROMPT_FORMATS
 from flowertune_finance.tiny import build_tiny_model
+from flowertune_finance.training_arguments import sft_arguments
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,10 @@ The tiny setup is deterministic: 5 SuperNodes and fraction-train 1.0, so every p
 trains in every round whatever node ids the simulation draws (they are random per run; the
 partition-id in each node's config is what picks its data), dynamic-data-seed on so the
 data window depends on the round number, and TRL seeds each client's trainer.
+
+The crashed run is tests/fault_app.py with every client hanging in round 4: the run is killed
+after metrics.jsonl records round 3 and while round 4 waits for replies, so peft_2 is its newest
+checkpoint however slow the machine is. The resumed and the reference runs are the plain app.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_dirs, smoke_config
 from flwr.app import ArrayRecord
+from test_faults import fault_app_dir
 
 from flowertune_finance import launch
 from flowertune_finance.checkpoint import load_adapter
@@ -71,7 +76,7 @@ def simulation_pids(flwr_home: str) -> list[int]:
 def running_run_ids(env: dict[str, str]) -> list[int]:
     listed = subprocess.run(
         [launch.flwr_executable(), "ls", "--format", "json"], env=launch.flwr_env(env),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     return [int(run["run-id"]) for run in json.loads(listed.stdout)["runs"] if run["status"] == "running"]
 
@@ -92,15 +97,20 @@ def reached(run_dir_parent: Path, server_round: int) -> bool:
         return False
 
 
-def crash_after_round(round_to_reach: int, run_dir_parent: Path, env: dict[str, str], config: dict, timeout: float):
-    """Start the run, SIGKILL its ServerApp process tree once metrics.jsonl records
-    `round_to_reach`, then tell the SuperLink the run is over (it still thinks it runs)."""
+def crash_after_round(
+    round_to_reach: int, run_dir_parent: Path, env: dict[str, str], config: dict, timeout: float, app_dir: Path
+):
+    """Start the run (every client of the fault app hangs in round `round_to_reach + 1`), SIGKILL its
+    ServerApp process tree once metrics.jsonl records `round_to_reach`, then tell the SuperLink the
+    run is over (it still thinks it runs)."""
+    hang = {round_to_reach + 1: {partition: "hang" for partition in range(NUM_SUPERNODES)}}
+    (app_dir / "faults.json").write_text(json.dumps(hang))
     outcome: dict[str, object] = {}
 
     def submit() -> None:
         try:
             outcome["result"] = launch.run_app(
-                REPO_ROOT, config, num_supernodes=NUM_SUPERNODES, env=env, timeout=timeout
+                app_dir, config, num_supernodes=NUM_SUPERNODES, env=env, timeout=timeout
             )
         except launch.RunFailed as error:
             outcome["error"] = error
@@ -119,17 +129,19 @@ def crash_after_round(round_to_reach: int, run_dir_parent: Path, env: dict[str, 
             pass
     for run_id in running_run_ids(env):
         subprocess.run([launch.flwr_executable(), "stop", str(run_id)], env=launch.flwr_env(env),
-                       capture_output=True, timeout=60)
+                       capture_output=True, timeout=60, check=False)
     runner.join(120)
     assert not runner.is_alive() and "result" not in outcome, "the killed run was reported as completed"
     assert not any(alive(pid) for pid in victims), "processes of the killed run are still alive"
     return run_dirs(run_dir_parent)[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)  # three `flwr run`s in a row; the default 600 s is one run's worst case
 def test_killed_run_resumes_to_the_same_rounds_and_adapter(tiny_model, flwr_env, tmp_path):
     crashed_dir = crash_after_round(
-        3, tmp_path / "crashed", flwr_env, smoke_config(tiny_model, tmp_path / "crashed", **CONFIG), timeout=400
+        3, tmp_path / "crashed", flwr_env, smoke_config(tiny_model, tmp_path / "crashed", **CONFIG), timeout=400,
+        app_dir=fault_app_dir(tmp_path),
     )
     assert sorted(p.name for p in crashed_dir.glob("peft_*")) == ["peft_2"], "the kill came too late or too early"
     rounds_before_kill = [r["round"] for r in read_metrics(crashed_dir)]

@@ -67,6 +67,18 @@ def submitted(output: str) -> tuple[int, Path]:
     return int(line.split()[1]), Path(line.split("Full log: ")[1].strip())
 
 
+def simulation_pids(app: Path) -> list[int]:
+    """Live `flwr-simulation` processes (a run's ServerApp) of the checkout's SuperLink."""
+    pids = []
+    for pid in processes_with_env(SUPERLINK_MARKER, str(app)):
+        try:
+            if b"flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
 def value_after(output: str, prefix: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith(prefix)]
     assert lines, f"no line starting with {prefix!r} in:\n{output}"
@@ -172,7 +184,11 @@ def test_ctrl_c_stops_the_run_it_started(checkouts, smoke_a):
 
     superlink = PrivateSuperLink(app)
     assert launch.run_status(run_id, superlink.cli_env(), [launch.SMOKE_CONNECTION]) == "finished:stopped"
-    time.sleep(10)  # not completed later either
+    # the run's simulation process exits; with it gone, nothing can complete the run later
+    deadline = time.time() + 60
+    while simulation_pids(app) and time.time() < deadline:
+        time.sleep(0.2)
+    assert simulation_pids(app) == [], "the stopped run's simulation process is still running"
     assert launch.run_status(run_id, superlink.cli_env(), [launch.SMOKE_CONNECTION]) == "finished:stopped"
     run_dir = Path(value_after(output, "Run folder:"))
     assert not (run_dir / "peft_20").exists()
@@ -247,9 +263,10 @@ def test_a_foreign_listener_answering_health_is_not_taken_for_ours():
         server.server_close()
 
 
-def test_a_failed_run_is_reported_with_its_reason(tmp_path):
-    """`flwr run --stream` exits 0 when a run fails; the smoke must not."""
-    superlink = PrivateSuperLink(copy_app(tmp_path / "app"))
+def test_a_failed_run_is_reported_with_its_reason(checkouts):
+    """`flwr run --stream` exits 0 when a run fails; the smoke must not. Runs on checkout B (its SuperLink
+    and tiny model are reused when its smoke ran before; started or built here otherwise)."""
+    superlink = PrivateSuperLink(checkouts[1])
     try:
         superlink.ensure()
         model = launch.ensure_tiny_model(superlink.folder / "tiny-model")
