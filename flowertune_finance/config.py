@@ -24,10 +24,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowertune_finance.prompts import PROMPT_FORMATS
+from flowertune_finance.strategies import STRATEGIES
 
 QUANTIZATIONS = (0, 4, 8)
 COMPUTE_DTYPES = ("float32", "bfloat16")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 TRANSPORT_DTYPES = ("float32", "float16")
 TRAINING_ARGUMENTS_PREFIX = "train.training-arguments."
 
@@ -144,7 +144,7 @@ class TrainConfig:
 class StrategyConfig:
     """Server-side aggregation."""
 
-    name: str = setting("strategy.name", "fedavg", "Flower's own strategy", *one_of(STRATEGIES))
+    name: str = setting("strategy.name", "fedavg", "Flower's own strategy", *one_of(tuple(STRATEGIES)))
     fraction_train: float = setting("strategy.fraction-train", 0.1, "share of SuperNodes that train each round",
                                     "0 < fraction <= 1", lambda v: 0 < v <= 1)
     fraction_evaluate: float = setting("strategy.fraction-evaluate", 0.0, "share of SuperNodes asked to evaluate",

@@ -14,6 +14,7 @@ FedAdam, FedAvgM). It adds three things without copying their aggregation code:
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import time
@@ -22,14 +23,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 
+import flwr.serverapp.strategy
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from flowertune_finance.config import STRATEGIES, ConfigError, StrategyConfig
+from flowertune_finance.config import ConfigError, StrategyConfig
 from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
+from flowertune_finance.strategies import STRATEGIES
 
 MB = 1024**2
 FLOAT_DTYPES = ("float32", "float16")
@@ -311,20 +313,11 @@ class FlowerTuneMixin:
         return (with_dtype(arrays, "float32") if arrays is not None else None), metrics
 
 
-class FlowerTuneFedAvg(FlowerTuneMixin, FedAvg):
-    """FedAvg over LoRA adapters (the upstream template's strategy)."""
-
-
-class FlowerTuneFedProx(FlowerTuneMixin, FedProx):
-    """FedProx: FedAvg on the server; clients add the proximal term to their loss."""
-
-
-class FlowerTuneFedAdam(FlowerTuneMixin, FedAdam):
-    """FedAdam: an Adam step on the server with the averaged update as pseudo-gradient."""
-
-
-class FlowerTuneFedAvgM(FlowerTuneMixin, FedAvgM):
-    """FedAvgM: server-side momentum on the averaged update."""
+@functools.cache
+def tracked(flower_class: type) -> type:
+    """`flower_class` with the tracking mixin in front (one class per Flower strategy)."""
+    return type(f"FlowerTune{flower_class.__name__}", (FlowerTuneMixin, flower_class),
+                {"__doc__": f"{flower_class.__name__} with communication tracking, reply checks and a round offset."})
 
 
 def build_strategy(
@@ -335,25 +328,15 @@ def build_strategy(
     FedAdam's moments and FedAvgM's momentum live in the strategy object: a resumed run
     starts them afresh.
     """
-    common = {"fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
-              "min_train_nodes": MIN_TRAIN_NODES}
-    if config.name == "fedavg":
-        strategy = FlowerTuneFedAvg(**common)
-    elif config.name == "fedprox":
-        strategy = FlowerTuneFedProx(**common, proximal_mu=config.proximal_mu)
-    elif config.name == "fedadam":
-        strategy = FlowerTuneFedAdam(
-            **common, eta=config.fedadam_eta, beta_1=config.fedadam_beta_1, beta_2=config.fedadam_beta_2,
-            tau=config.fedadam_tau,
-        )
-    elif config.name == "fedavgm":
-        strategy = FlowerTuneFedAvgM(
-            **common, server_learning_rate=config.fedavgm_server_learning_rate,
-            server_momentum=config.fedavgm_server_momentum,
-        )
-    else:
+    if config.name not in STRATEGIES:
         raise ConfigError(
             f"run config 'strategy.name' = {config.name!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
+    entry = STRATEGIES[config.name]
+    flower_class = getattr(flwr.serverapp.strategy, entry.flower_class)
+    strategy = tracked(flower_class)(
+        fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=MIN_TRAIN_NODES, **entry.options(config),
+    )
     strategy.setup_tracking(
         round_offset=round_offset, communication_mb=communication_mb, transport_dtype=transport_dtype)
     return strategy
