@@ -26,7 +26,8 @@ from flowertune_finance import client_app, models, presets
 from flowertune_finance.checkpoint import ADAPTER_WEIGHTS, CheckpointError, save_checkpoint
 from flowertune_finance.config import ConfigError, ModelConfig, parse_run_config
 from flowertune_finance.launch import app_default_config
-from flowertune_finance.metrics import COMMUNICATION_BUDGET_MB, read_metrics
+from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
+from flowertune_finance.metrics import read_metrics
 from flowertune_finance.server_app import PROJECTION_FILE, RoundRecorder, project_communication, start_run
 from flowertune_finance.strategy import MB, build_strategy, record_bytes
 from flowertune_finance.tiny import build_tiny_model
