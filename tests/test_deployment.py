@@ -148,6 +148,7 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(deployment, tiny_mode
     assert any("lora_B" in name and parameter.abs().sum() > 0 for name, parameter in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_killed_supernode_round_completes_with_the_others(deployment, tiny_model, federation_file, tmp_path):
     """Runs last: kills bob (SIGKILL, his whole process group) while he trains in round 2."""
     assert len(deployment.online_nodes()) == 3

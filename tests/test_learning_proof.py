@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from flowertune_finance import launch, proof, synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,7 @@ THRESHOLD = 0.80  # measured after training: docs/learning-proof.md gives the sp
 CHANCE_CEILING = 0.60  # the base knows the answer format, not the mapping
 
 
+@pytest.mark.slow
 def test_federated_lora_learns_the_heldout_task(tmp_path):
     size = proof.SIZES["ci"]
     base = tmp_path / "base"

@@ -138,6 +138,7 @@ def crash_after_round(
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # three `flwr run`s in a row; the default 600 s is one run's worst case
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_rounds_and_adapter(tiny_model, flwr_env, tmp_path):
     crashed_dir = crash_after_round(
         3, tmp_path / "crashed", flwr_env, smoke_config(tiny_model, tmp_path / "crashed", **CONFIG), timeout=400,
