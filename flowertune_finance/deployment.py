@@ -10,7 +10,6 @@ manager) kills all of them, including the SuperExec the SuperLink detaches into 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from flowertune_finance.credentials import (
     generate_certificates,
     generate_node_keys,
 )
-from flowertune_finance.launch import flwr_env, free_port, kill_processes_with_env
+from flowertune_finance.launch import flwr_env, free_port, kill_processes_with_env, signal_group
 
 CONNECTION = "local-deployment"
 MARKER = "FLOWERTUNE_DEPLOYMENT"  # env var carried by every process a deployment starts
@@ -223,11 +222,11 @@ class LocalDeployment:
 
     def kill(self, process: Process, sig: int = signal.SIGKILL, grace: float = 5.0) -> None:
         """Send `sig` to the process's whole group; SIGKILL what is left after `grace` seconds."""
-        _signal_group(process.popen.pid, sig)
+        signal_group(process.popen.pid, sig)
         try:
             process.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            _signal_group(process.popen.pid, signal.SIGKILL)
+            signal_group(process.popen.pid, signal.SIGKILL)
             process.popen.wait(timeout=grace)
 
     def stop(self, grace: float = 5.0) -> None:
@@ -296,9 +295,3 @@ def _accepts_connections(host: str, port: int) -> bool:
     except OSError:
         return False
 
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -199,8 +199,8 @@ def _run_id(stdout: str) -> int | None:
     return int(run_id) if run_id is not None else None
 
 
-def run_status(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> str:
-    """The SuperLink's status of a run, such as `running` or `finished:completed`."""
+def run_record(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> dict[str, Any] | None:
+    """The SuperLink's record of a run (`flwr ls --run-id`), or None if it lists none."""
     listed = subprocess.run(
         [flwr_executable(), "ls", *(where or []), "--run-id", str(run_id), "--format", "json"],
         check=False, env=dict(env), capture_output=True, text=True, timeout=60,
@@ -209,7 +209,13 @@ def run_status(run_id: int, env: Mapping[str, str], where: list[str] | None = No
         runs = json.loads(listed.stdout).get("runs", [])
     except json.JSONDecodeError as error:
         raise RunFailed(f"`flwr ls` gave no JSON: {listed.stdout}\n{listed.stderr}") from error
-    return str(runs[0]["status"]) if runs else "unknown"
+    return runs[0] if runs else None
+
+
+def run_status(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> str:
+    """The SuperLink's status of a run, such as `running` or `finished:completed`."""
+    record = run_record(run_id, env, where)
+    return str(record["status"]) if record else "unknown"
 
 
 def wait_for_run(run_id: int, env: Mapping[str, str], deadline: float, where: list[str] | None = None) -> str:
@@ -566,12 +572,12 @@ class PrivateSuperLink:
         """SIGTERM the SuperLink's process group (SIGKILL after a grace period), then every process
         still carrying this checkout's marker (the SuperExec detaches into its own session)."""
         if record is not None and self._is_ours(record.pid) and _process_group(record.pid) == record.pid:
-            _signal_group(record.pid, signal.SIGTERM)
+            signal_group(record.pid, signal.SIGTERM)
             deadline = time.time() + STOP_GRACE_S
             while self._is_ours(record.pid) and time.time() < deadline:
                 time.sleep(0.1)
             if self._is_ours(record.pid):
-                _signal_group(record.pid, signal.SIGKILL)
+                signal_group(record.pid, signal.SIGKILL)
         kill_processes_with_env(SUPERLINK_MARKER, str(self.app_dir), STOP_GRACE_S)
 
     def release_orphans(self) -> list[int]:
@@ -654,7 +660,8 @@ def _process_group(pid: int) -> int | None:
         return None
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group, ignoring one that is already gone."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -946,15 +953,11 @@ def _follow_log(
 
 def run_details(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> str:
     """The SuperLink's `status-details` of a run (why it failed), or '' if it has none."""
-    listed = subprocess.run(
-        [flwr_executable(), "ls", *(where or []), "--run-id", str(run_id), "--format", "json"],
-        check=False, env=dict(env), capture_output=True, text=True, timeout=60,
-    )
     try:
-        runs = json.loads(listed.stdout).get("runs", [])
-    except json.JSONDecodeError:
+        record = run_record(run_id, env, where)
+    except RunFailed:
         return ""
-    details = str(runs[0].get("status-details", "")) if runs else ""
+    details = str(record.get("status-details", "")) if record else ""
     return "" if details == "N/A" else details
 
 
