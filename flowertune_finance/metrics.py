@@ -6,13 +6,59 @@ in flight; `plot` and `submit` read it back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"  # the run config, kept next to the checkpoints
+# Where a client call's time goes; each client reports `time-<phase>` in seconds ("steps" lies within "train").
+CLIENT_PHASES = ("model", "data", "setup", "train", "steps", "serialize")
+
+
+@dataclass
+class RoundRecord:
+    """One round, as one line of `metrics.jsonl` (its keys are these fields' names).
+
+    Client figures are summed over the accepted clients; the server's base-model loads count
+    its own (0 unless server-side evaluation is on).
+    """
+
+    round: int
+    wall_time_s: float  # sampling to aggregation
+    elapsed_s: float  # since the run started, checkpoints and evaluation included (carried over on resume)
+    train_loss: float | None  # weighted by examples over the accepted clients; None in a skipped round
+    learning_rate: float  # the clients' learning rate this round (cosine schedule)
+    num_supernodes: int  # connected when the round was sampled
+    clients_sampled: int
+    clients_replied: int
+    clients_failed: int
+    clients_rejected: int
+    clients_accepted: int
+    mb_sent: float
+    mb_received: float
+    cumulative_mb: float
+    client_time_s: dict[str, float]  # per CLIENT_PHASES
+    client_base_model_loads: int
+    client_train_tokens: int
+    client_peak_vram_mb: float | None  # GPU only
+    server_base_model_loads: int
+    projected_mb: float | None = None  # the start's projection, on the first round of each start
+    evaluation: dict[str, float] = field(default_factory=dict)  # `eval_*` metrics where server evaluation ran
+
+    @property
+    def round_skipped(self) -> bool:
+        """No reply was accepted: the global adapter was kept."""
+        return self.clients_accepted == 0
+
+    def to_json(self) -> dict[str, Any]:
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "evaluation"}
+        if record["projected_mb"] is None:
+            del record["projected_mb"]
+        return {**record, "round_skipped": self.round_skipped, **self.evaluation}
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from flowertune_finance.checkpoint import (
 )
 from flowertune_finance.config import AppConfig, check_local_paths, parse_run_config
 from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
-from flowertune_finance.metrics import METRICS_FILE, append_metrics, progress_line
+from flowertune_finance.metrics import CLIENT_PHASES, METRICS_FILE, RoundRecord, append_metrics, progress_line
 from flowertune_finance.models import FROZEN_A_CHECKSUM_KEY, adapter_checksum, cosine_annealing, initial_adapter
 from flowertune_finance.preflight import preflight
 from flowertune_finance.strategy import CommunicationPlan, FlowerTuneMixin, build_strategy, plan_communication
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 app = ServerApp()
 
-CLIENT_PHASES = ("model", "data", "setup", "train", "steps", "serialize")  # clients' `time-*`; steps within train
 ETA_WINDOW_ROUNDS = 10  # the ETA averages this many recent rounds, so start-up cost fades out
 PROJECTION_FILE = "projected_communication.json"  # the plan of a run, next to run_config.json
 
@@ -174,16 +173,16 @@ class RoundRecorder:
         self.round_ends.append(time.time())
         record = self.round_record(server_round)
         if self.run.projection is not None and len(self.round_ends) == 2:  # the first round of this start
-            record["projected_mb"] = self.run.projection.projected_mb
+            record.projected_mb = self.run.projection.projected_mb
         if self.evaluator is not None and self.evaluator.due(server_round):
-            record.update(self.evaluate(arrays))
-        append_metrics(self.run.run_dir, record)
-        self.run.history.append(record)
+            record.evaluation = self.evaluate(arrays)
+        append_metrics(self.run.run_dir, record.to_json())
+        self.run.history.append(record.to_json())
         log(INFO, progress_line(
-            server_round, self.config.num_server_rounds, record["train_loss"], record["cumulative_mb"],
+            server_round, self.config.num_server_rounds, record.train_loss, record.cumulative_mb,
             COMMUNICATION_BUDGET_MB, self.eta_seconds(server_round),
         ))
-        self.apply_failure_policy(server_round, record["round_skipped"])
+        self.apply_failure_policy(server_round, record.round_skipped)
         if server_round % self.config.train.save_every_round == 0 or server_round == self.config.num_server_rounds:
             self.save(server_round, arrays)
         return None
@@ -222,40 +221,35 @@ class RoundRecorder:
         per_round = (recent[-1] - recent[0]) / (len(recent) - 1)
         return per_round * (self.config.num_server_rounds - server_round)
 
-    def round_record(self, server_round: int) -> dict[str, Any]:
+    def round_record(self, server_round: int) -> RoundRecord:
         stats = self.strategy.rounds[server_round]
-        train = dict(stats.train_metrics or {})
-        return {
-            "round": server_round,
-            "wall_time_s": round(time.time() - stats.started, 3),
-            "elapsed_s": round(self.elapsed_before + time.time() - self.started, 3),
-            "train_loss": train.get("train_loss"),
-            "learning_rate": cosine_annealing(
+        clients = stats.client_metrics
+        return RoundRecord(
+            round=server_round,
+            wall_time_s=round(time.time() - stats.started, 3),
+            elapsed_s=round(self.elapsed_before + time.time() - self.started, 3),
+            train_loss=dict(stats.train_metrics or {}).get("train_loss"),
+            learning_rate=cosine_annealing(
                 server_round, self.config.num_server_rounds,
                 self.config.train.learning_rate_max, self.config.train.learning_rate_min,
             ),
-            "num_supernodes": stats.supernodes,
-            "clients_sampled": stats.sampled,
-            "clients_replied": stats.replied,
-            "clients_failed": stats.failed,
-            "clients_rejected": stats.rejected,
-            "clients_accepted": stats.accepted,
-            "round_skipped": stats.accepted == 0,  # no valid reply: the global adapter was kept
-            "mb_sent": stats.mb_sent,
-            "mb_received": stats.mb_received,
-            "cumulative_mb": stats.cumulative_mb,
-            # where the accepted clients spent their time (seconds, summed over them) and how
-            # often they loaded the base model; the server's own loads (0: it is model-free)
-            "client_time_s": {
-                phase: round(sum(m.get(f"time-{phase}", 0.0) for m in stats.client_metrics), 4)
-                for phase in CLIENT_PHASES
+            num_supernodes=stats.supernodes,
+            clients_sampled=stats.sampled,
+            clients_replied=stats.replied,
+            clients_failed=stats.failed,
+            clients_rejected=stats.rejected,
+            clients_accepted=stats.accepted,
+            mb_sent=stats.mb_sent,
+            mb_received=stats.mb_received,
+            cumulative_mb=stats.cumulative_mb,
+            client_time_s={
+                phase: round(sum(m.get(f"time-{phase}", 0.0) for m in clients), 4) for phase in CLIENT_PHASES
             },
-            "client_base_model_loads": int(sum(m.get("base-model-loads", 0) for m in stats.client_metrics)),
-            "client_train_tokens": int(sum(m.get("train-tokens", 0) for m in stats.client_metrics)),
-            "client_peak_vram_mb": max((m["peak-vram-mb"] for m in stats.client_metrics if "peak-vram-mb" in m),
-                                       default=None),
-            "server_base_model_loads": models.BASE_MODEL_LOADS,
-        }
+            client_base_model_loads=int(sum(m.get("base-model-loads", 0) for m in clients)),
+            client_train_tokens=int(sum(m.get("train-tokens", 0) for m in clients)),
+            client_peak_vram_mb=max((m["peak-vram-mb"] for m in clients if "peak-vram-mb" in m), default=None),
+            server_base_model_loads=models.BASE_MODEL_LOADS,
+        )
 
     def save(self, server_round: int, arrays: ArrayRecord) -> None:
         adapter = self.run.full_adapter(arrays)  # with freeze-a: the kept A + the trained B

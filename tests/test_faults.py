@@ -38,7 +38,7 @@ def fault_app_dir(tmp_path: Path) -> Path:
     assert production in pyproject
     pyproject = pyproject.replace(production, 'clientapp = "fault_app:app"')
     # the repository's FAB file patterns name its own folders; this folder ships all it holds
-    pyproject = re.sub(r"(?m)^fab-(include|exclude) = .*$", "", pyproject)
+    pyproject = re.sub(r"(?ms)^fab-(include|exclude) = \[.*?\]$", "", pyproject)
     (app_dir / "pyproject.toml").write_text(pyproject)
     (app_dir / "README.md").write_text("Fault-injection test app.\n")
     shutil.copy(Path(__file__).with_name("fault_app.py"), app_dir / "fault_app.py")
