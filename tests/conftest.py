@@ -77,3 +77,12 @@ def smoke_run(tiny_model: Path, flwr_env: dict[str, str], tmp_path_factory: pyte
     copy it first.
     """
     return _run(tiny_model, flwr_env, tmp_path_factory.mktemp("smoke") / "results", launch.NUM_SUPERNODES, 600)
+
+
+@pytest.fixture(scope="session")
+def quantized_fp16_run(tiny_model: Path, flwr_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """One run for two readers: the base model in 4 bits and the adapter sent in fp16 (4 SuperNodes, so 2
+    clients a round, and 2 rounds). test_smoke_run checks the 4-bit side, test_performance the traffic.
+    Shared read-only, like `smoke_run`."""
+    overrides = {"model.quantization": 4, "train.transport-dtype": "float16", "num-server-rounds": 2}
+    return _run(tiny_model, flwr_env, tmp_path_factory.mktemp("quantized-fp16") / "results", 4, 600, **overrides)

@@ -4,8 +4,8 @@ already saved is changed.
 Most cases call `server_app.start_run` in-process: it is exactly what the ServerApp does
 before its first round (config, paths, data file, new or resumed run folder). Every case
 runs next to a saved run (a checkpoint at round 2 of 4) and hashes the whole results folder
-before and after. One case goes through the real `flwr run` to show the run fails with the
-message in its log before round 1.
+before and after. That a refused value fails a real `flwr run` before round 1, with the message
+in its log, is shown in test_smoke_isolation.py.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_dirs, smoke_config
+from conftest import smoke_config
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from flowertune_finance import client_app, launch, models
+from flowertune_finance import client_app, models
 from flowertune_finance.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_STATE, CheckpointError
 from flowertune_finance.config import ConfigError
 from flowertune_finance.dataset import DataError
@@ -250,17 +250,6 @@ def test_client_refuses_a_missing_model_folder_before_loading_anything(saved):
     with pytest.raises(ConfigError, match=r"'model\.name' = '/no/such/model': no such local model folder"):
         client_app.train(message, context)
     assert models.BASE_MODEL_LOADS == loads
-
-
-def test_bad_value_through_flwr_run_fails_before_round_1(tiny_model, flwr_env, tmp_path, capfd):
-    results = tmp_path / "results"
-    run_config = smoke_config(tiny_model, results, **{"train.learning-rate-min": 1.0})
-    with pytest.raises(launch.RunFailed, match="finished:failed"):
-        launch.run_app(REPO_ROOT, run_config, num_supernodes=5, env=flwr_env, timeout=300)
-    log = capfd.readouterr().out
-    assert "'train.learning-rate-min' = 1.0 exceeds 'train.learning-rate-max'" in log
-    assert not re.search(r"\[ROUND 1", log)
-    assert run_dirs(results) == []
 
 
 def test_non_utf8_data_file_names_the_file_and_line(saved, tmp_path):

@@ -1,6 +1,7 @@
 """A run that trains nothing fails: the first round, or `strategy.max-skipped-rounds` rounds in a row,
 without an accepted reply stop the run (`finished:failed`) with the clients' errors summarised,
-and the last good checkpoint stays the newest. Through the real `flwr run`, with tests/fault_app.py."""
+and the last good checkpoint stays the newest. Through the real `flwr run`, with tests/fault_app.py.
+A run the ServerApp refuses at start (a bad run-config value) is in test_smoke_isolation.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_dirs, smoke_config
+from conftest import run_dirs, smoke_config
 from test_faults import NUM_SUPERNODES, fault_app_dir
 
 from flowertune_finance import launch
@@ -56,15 +57,3 @@ def test_too_many_skipped_rounds_in_a_row_fail_the_run_and_keep_the_last_good_ch
     first, second = load_adapter(run_dir / "peft_1"), load_adapter(run_dir / "peft_2")
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert [record["round"] for record in read_metrics(run_dir)] == [1, 2, 3]
-
-
-def test_bad_training_argument_through_flwr_run_fails_in_the_server_app_before_any_model_load(
-    tiny_model, flwr_env, tmp_path, capfd
-):
-    results = tmp_path / "results"
-    config = smoke_config(tiny_model, results, **{"train.training-arguments.lr-scheduler-type": "bogus"})
-    with pytest.raises(launch.RunFailed, match="finished:failed"):
-        launch.run_app(REPO_ROOT, config, num_supernodes=5, env=flwr_env, timeout=300)
-    log = capfd.readouterr().out
-    assert "'train.training-arguments.lr-scheduler-type' = 'bogus' is not accepted by trl.SFTConfig" in log
-    assert not re.search(r"\[ROUND 1", log) and run_dirs(results) == []

@@ -188,8 +188,8 @@ def test_fp16_transport_sends_and_receives_half_and_averages_in_fp32(monkeypatch
         assert 0.5 < received["float16"][index] / received["float32"][index] < 0.51
 
 
-def test_fp16_transport_through_the_app_halves_traffic_and_keeps_fp32_checkpoints(run_smoke):
-    result, run_dir = run_smoke(num_supernodes=10, **{"train.transport-dtype": "float16", "num-server-rounds": 2})
+def test_fp16_transport_through_the_app_halves_traffic_and_keeps_fp32_checkpoints(quantized_fp16_run):
+    result, run_dir = quantized_fp16_run  # 4 SuperNodes, 2 rounds, the base in 4 bits (checked in test_smoke_run.py)
     assert result.status == "finished:completed"
     checkpoint = load_file(run_dir / "peft_2" / ADAPTER_WEIGHTS)
     assert {t.dtype for t in checkpoint.values()} == {torch.float32}

@@ -121,7 +121,7 @@ def crash_after_round(
     while time.time() < deadline and runner.is_alive() and not reached(run_dir_parent, round_to_reach):
         time.sleep(0.05)
     victims = [pid for simulation in simulation_pids(env["FLWR_HOME"]) for pid in process_tree(simulation)]
-    assert victims, "no simulation process to kill"
+    assert victims, f"no simulation process to kill (the run: {outcome})"
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -138,7 +138,6 @@ def crash_after_round(
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # three `flwr run`s in a row; the default 600 s is one run's worst case
-@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_rounds_and_adapter(tiny_model, flwr_env, tmp_path):
     crashed_dir = crash_after_round(
         3, tmp_path / "crashed", flwr_env, smoke_config(tiny_model, tmp_path / "crashed", **CONFIG), timeout=400,

@@ -49,8 +49,10 @@ def test_smoke_run_50_supernodes_writes_loadable_peft_3(smoke_run, tiny_model):
     assert state["communication_mb"] == pytest.approx(sum(r["mb_sent"] + r["mb_received"] for r in records))
 
 
-def test_smoke_run_in_4bit_on_cpu(run_smoke, tiny_model):
-    result, run_dir = run_smoke(**{"model.quantization": 4, "num-server-rounds": 2})
+def test_smoke_run_in_4bit_on_cpu(quantized_fp16_run, tiny_model):
+    result, run_dir = quantized_fp16_run  # shared with the fp16 transport test (test_performance.py)
     assert result.status == "finished:completed"
+    assert json.loads((run_dir / "run_config.json").read_text())["model.quantization"] == 4
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
     model = _load_checkpoint(tiny_model, run_dir / "peft_2")
     assert any("lora_A" in name for name, _ in model.named_parameters())
