@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
-from flowertune_finance import launch, synthetic
 from flowertune_finance.checkpoint import save_checkpoint
 from flowertune_finance.config import parse_run_config
-from flowertune_finance.evaluate import DATASETS, load_eval_set, score_set
+from flowertune_finance.dev import launch, synthetic
+from flowertune_finance.dev.tiny import build_tiny_model
 from flowertune_finance.generation import load_model
+from flowertune_finance.leaderboard import DATASETS
 from flowertune_finance.models import initial_adapter
-from flowertune_finance.tiny import build_tiny_model
+from flowertune_finance.scoring import load_eval_set, score_set
 from flowertune_finance.training import train_adapter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

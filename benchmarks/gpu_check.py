@@ -60,7 +60,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from flowertune_finance import launch
+from flowertune_finance.dev import launch
 from flowertune_finance.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def _tokenizer_corpus() -> list[str]:
     finance text) plus every field of the sample data, so that the app's text tokenizes into
     whole words as with a real tokenizer. Byte-level BPE merges never cross word boundaries,
     so the words, not their arrangement, decide how a prompt tokenizes."""
-    from flowertune_finance import tiny
+    from flowertune_finance.dev import tiny
 
     rows = [json.loads(line) for line in launch.SAMPLE_DATA.read_text().splitlines() if line.strip()]
     return tiny._training_corpus() + [f"{row['instruction']}\n{row['input']} {row['output']}" for row in rows]
@@ -589,8 +589,9 @@ class GenerateCounter:
 def eval_examples(tokenizer, count: int, prompt_tokens: int | None):
     """`count` synthetic tweets in the leaderboard's prompt, as an EvalSet; with `prompt_tokens`
     each text is repeated until the prompt is about that long (at most that many tokens)."""
-    from flowertune_finance import synthetic
-    from flowertune_finance.evaluate import INSTRUCTION, EvalSet, eval_prompt
+    from flowertune_finance.dev import synthetic
+    from flowertune_finance.leaderboard import INSTRUCTION
+    from flowertune_finance.scoring import EvalSet, eval_prompt
 
     instruction = INSTRUCTION.format("tweet")
     rows = list(synthetic.sentences(count, seed=5, companies=synthetic.HELD_OUT_COMPANIES))
@@ -611,8 +612,8 @@ def evaluate_throughput(args, plan: Plan, clock: Clock, sampler: GpuSampler, rep
     """Fast then protocol mode on the same examples, one batch of 32 per `score_set` call (a
     batch is then exactly one batch of the evaluator's); stops between batches when the
     budget ends. The model is the evaluator's 4-bit load (`load_model`)."""
-    from flowertune_finance.evaluate import EvalSet, score_set
     from flowertune_finance.generation import load_model
+    from flowertune_finance.scoring import EvalSet, score_set
 
     evaluation: dict[str, Any] = {"batch_size": EVAL_BATCH_SIZE, "examples_requested": plan.eval_examples,
                                   "quantization": 4, "note": RANDOM_MODEL_NOTE, "modes": {}}

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flowertune_finance import launch, proof, synthetic
+from flowertune_finance.dev import launch, proof, synthetic
 
 APP_DIR = Path(__file__).resolve().parents[1]
 RESULTS = APP_DIR / "benchmarks" / "results" / "learning_proof.json"

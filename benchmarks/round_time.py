@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flowertune_finance import launch, tiny
+from flowertune_finance.dev import launch, tiny
 from flowertune_finance.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from flowertune_finance.tiny import build_tiny_model
+    from flowertune_finance.dev.tiny import build_tiny_model
 
     folder = build_tiny_model(args.dir, architecture=args.architecture)
     print(f"Tiny {args.architecture} model and tokenizer written to {folder.resolve()}")
@@ -18,7 +18,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _smoke(args: argparse.Namespace) -> int:
-    from flowertune_finance import launch
+    from flowertune_finance.dev import launch
 
     app_dir = Path(args.app_dir).resolve()
     if not (app_dir / "pyproject.toml").is_file():
@@ -78,7 +78,7 @@ def _shell_path(path: str | Path) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from flowertune_finance import launch
+    from flowertune_finance.dev import launch
 
     app_dir = Path(args.app_dir).resolve()
     if not (app_dir / "pyproject.toml").is_file():
@@ -105,7 +105,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from flowertune_finance.evaluate import EvalError, evaluate_adapter
+    from flowertune_finance.tools.evaluate import EvalError, evaluate_adapter
 
     try:
         summary = evaluate_adapter(
@@ -135,7 +135,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from flowertune_finance.submit import SubmissionError, build_submission
+    from flowertune_finance.tools.submit import SubmissionError, build_submission
 
     try:
         folder = build_submission(args.run_dir, args.output, args.eval_dir, args.run_name, args.app_dir)
@@ -147,8 +147,8 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _deploy_local(args: argparse.Namespace) -> int:
-    from flowertune_finance import deployment, launch
-    from flowertune_finance.credentials import CredentialError
+    from flowertune_finance.dev import deployment, launch
+    from flowertune_finance.dev.credentials import CredentialError
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` tears down like Ctrl-C
     folder = args.folder or Path(tempfile.mkdtemp(prefix="flowertune-deployment-"))
@@ -176,7 +176,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
 
 def _hub_check(args: argparse.Namespace) -> int:
-    from flowertune_finance.hub import HubCheckError, check_app, report
+    from flowertune_finance.tools.hub import HubCheckError, check_app, report
 
     try:
         result = check_app(args.app_dir)

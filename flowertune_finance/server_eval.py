@@ -17,9 +17,10 @@ from flwr.common import log
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from flowertune_finance.config import AppConfig
-from flowertune_finance.evaluate import DATASETS, load_eval_set, score_set
 from flowertune_finance.generation import load_model
+from flowertune_finance.leaderboard import DATASETS
 from flowertune_finance.models import ADAPTER_NAME
+from flowertune_finance.scoring import load_eval_set, score_set
 
 BATCH_SIZE = 32  # the leaderboard's default batch size
 

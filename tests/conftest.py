@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny model built once, and an isolated Flower SuperLink for end-to-end runs.
 
-Every end-to-end test goes through the real `flwr run` (see `flowertune_finance.launch`).
+Every end-to-end test goes through the real `flwr run` (see `flowertune_finance.dev.launch`).
 The session gets its own FLWR_HOME and free ports, so it neither reuses nor disturbs a
 SuperLink the developer has running, and every process started under that FLWR_HOME
 (SuperLink, SuperExec, simulation, Ray workers) is killed when the session ends.
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from flowertune_finance import launch
-from flowertune_finance.launch import kill_processes_with_env, private_flwr_env
-from flowertune_finance.tiny import build_tiny_model
+from flowertune_finance.dev import launch
+from flowertune_finance.dev.launch import kill_processes_with_env, private_flwr_env
+from flowertune_finance.dev.tiny import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from flowertune_finance import models, synthetic, training
+from flowertune_finance import models, training
 from flowertune_finance.config import ConfigError, ModelConfig, StrategyConfig, parse_run_config
 from flowertune_finance.dataset import load_partition
+from flowertune_finance.dev import synthetic
 from flowertune_finance.prompts import format_completion, format_prompt
 from flowertune_finance.strategy import build_strategy
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from flowertune_finance import launch
 from flowertune_finance.cli import main
+from flowertune_finance.dev import launch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

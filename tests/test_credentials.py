@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance import credentials
-from flowertune_finance.credentials import CredentialError, generate_certificates, generate_node_keys
-from flowertune_finance.deployment import LocalDeployment
+from flowertune_finance.dev import credentials
+from flowertune_finance.dev.credentials import CredentialError, generate_certificates, generate_node_keys
+from flowertune_finance.dev.deployment import LocalDeployment
 
 
 def _mode(path: Path) -> int:

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from flowertune_finance import synthetic
 from flowertune_finance.dataset import (
     DataError,
     load_partition,
@@ -14,7 +13,8 @@ from flowertune_finance.dataset import (
     tokenize_partition,
     validate_data_file,
 )
-from flowertune_finance.launch import SAMPLE_DATA
+from flowertune_finance.dev import synthetic
+from flowertune_finance.dev.launch import SAMPLE_DATA
 from flowertune_finance.prompts import format_prompt, tokenize_prompt_then_label
 
 INSTRUCTION = synthetic.INSTRUCTION_NEWS

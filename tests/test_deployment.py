@@ -20,12 +20,12 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from flowertune_finance import launch, synthetic
 from flowertune_finance.config import parse_run_config
-from flowertune_finance.credentials import generate_node_keys
 from flowertune_finance.dataset import DataError, load_partition
-from flowertune_finance.deployment import CONNECTION, MARKER, LocalDeployment
-from flowertune_finance.launch import processes_with_env
+from flowertune_finance.dev import launch, synthetic
+from flowertune_finance.dev.credentials import generate_node_keys
+from flowertune_finance.dev.deployment import CONNECTION, MARKER, LocalDeployment
+from flowertune_finance.dev.launch import processes_with_env
 from flowertune_finance.metrics import read_metrics
 from flowertune_finance.node_data import NodeData, node_data
 

@@ -26,23 +26,19 @@ from flwr.app import ArrayRecord, MetricRecord
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flowertune_finance import cli, evaluate, synthetic
-from flowertune_finance.evaluate import (
-    EvalError,
-    answer_text,
-    evaluate_adapter,
-    fiqa_label,
-    generate_answers,
-    load_eval_set,
-    parse_label,
-)
-from flowertune_finance.generation import check_adapter, load_model
+from flowertune_finance import cli
+from flowertune_finance.dev import synthetic
+from flowertune_finance.dev.tiny import build_tiny_model
+from flowertune_finance.generation import EvalError, check_adapter, load_model
+from flowertune_finance.leaderboard import fiqa_label, parse_label
 from flowertune_finance.metrics import read_metrics
 from flowertune_finance.prompts import format_prompt
+from flowertune_finance.scoring import answer_text, generate_answers, load_eval_set
 from flowertune_finance.server_app import RoundRecorder, start_run
 from flowertune_finance.server_eval import ServerEvaluator
 from flowertune_finance.strategy import RoundStats, build_strategy
-from flowertune_finance.tiny import build_tiny_model
+from flowertune_finance.tools import evaluate
+from flowertune_finance.tools.evaluate import evaluate_adapter
 
 ROWS = 24  # per set: FPB and FiQA test splits get 6 rows, TFNS validation 24
 NEWS = "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."

@@ -13,8 +13,8 @@ import torch
 from conftest import run_dirs, smoke_config
 from test_faults import NUM_SUPERNODES, fault_app_dir
 
-from flowertune_finance import launch
 from flowertune_finance.checkpoint import load_adapter
+from flowertune_finance.dev import launch
 from flowertune_finance.metrics import read_metrics
 
 

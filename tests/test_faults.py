@@ -20,9 +20,9 @@ import torch
 from conftest import REPO_ROOT, run_dirs, smoke_config
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from flowertune_finance import launch
 from flowertune_finance.checkpoint import load_adapter
 from flowertune_finance.config import StrategyConfig
+from flowertune_finance.dev import launch
 from flowertune_finance.metrics import read_metrics
 from flowertune_finance.strategy import RoundStats, build_strategy, content_problem
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowertune_finance.launch import processes_with_env
+from flowertune_finance.dev.launch import processes_with_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
@@ -48,8 +48,9 @@ def test_the_config_is_mistral_7b_v03():
 
 def test_model_build_fills_the_vocabulary_is_reused_and_fits_training_and_evaluation(tmp_path):
     """The 7B build path on a model of the same vocabulary and ids but tiny layers."""
-    from flowertune_finance import launch, training
+    from flowertune_finance import training
     from flowertune_finance.config import parse_run_config
+    from flowertune_finance.dev import launch
     from flowertune_finance.generation import load_model
 
     spec = {**gpu_check.load_mistral_spec(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance import hub, launch
 from flowertune_finance.cli import main
+from flowertune_finance.dev import launch
+from flowertune_finance.tools import hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = "flowertune_finance/data/fingpt_sentiment_sample.jsonl"
+SAMPLE_DATA = "flowertune_finance/dev/data/fingpt_sentiment_sample.jsonl"
 
 
 def test_hub_check_passes_on_the_repository(capsys):
@@ -108,7 +109,7 @@ def test_hub_check_warns_about_links_to_files_that_are_not_uploaded(app_copy):
     with (app_copy / "README.md").open("a") as readme:
         readme.write(
             "\n![a figure](docs/missing.png)\n[license](LICENSE)\n[site](https://flower.ai/x.png)\n"
-            '<img src="img/also-missing.svg" alt="x">\n[data](flowertune_finance/data/README.md#top)\n'
+            '<img src="img/also-missing.svg" alt="x">\n[data](flowertune_finance/dev/data/README.md#top)\n'
         )
     warnings = hub.check_app(app_copy).warnings
     assert "README.md links docs/missing.png, which is not uploaded" in warnings

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance import launch, proof, synthetic
+from flowertune_finance.dev import launch, proof, synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 0

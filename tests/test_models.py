@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from flowertune_finance import models
 from flowertune_finance.checkpoint import CheckpointError, load_adapter, read_checkpoint, save_checkpoint
 from flowertune_finance.config import AppConfig, ModelConfig, parse_run_config
-from flowertune_finance.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
-from flowertune_finance.tiny import build_tiny_model
+from flowertune_finance.dev.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
+from flowertune_finance.dev.tiny import build_tiny_model
 from flowertune_finance.training import train_adapter
 from flowertune_finance.training_arguments import sft_arguments
 

@@ -21,7 +21,7 @@ from flowertune_finance import models, training
 from flowertune_finance.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_checkpoint
 from flowertune_finance.config import StrategyConfig, parse_run_config
 from flowertune_finance.dataset import load_partition, tokenize_partition
-from flowertune_finance.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
+from flowertune_finance.dev.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
 from flowertune_finance.metrics import read_metrics
 from flowertune_finance.strategy import MB, build_strategy, with_dtype
 

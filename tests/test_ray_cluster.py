@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance import launch
+from flowertune_finance.dev import launch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER = "FLOWERTUNE_RAY_CLUSTER"

@@ -22,15 +22,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from flowertune_finance import client_app, models, presets
+from flowertune_finance import client_app, models
 from flowertune_finance.checkpoint import ADAPTER_WEIGHTS, CheckpointError, save_checkpoint
 from flowertune_finance.config import ConfigError, ModelConfig, parse_run_config
-from flowertune_finance.launch import app_default_config
+from flowertune_finance.dev.launch import app_default_config
+from flowertune_finance.dev.tiny import build_tiny_model
 from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
 from flowertune_finance.metrics import read_metrics
 from flowertune_finance.server_app import PROJECTION_FILE, RoundRecorder, project_communication, start_run
 from flowertune_finance.strategy import MB, build_strategy, record_bytes
-from flowertune_finance.tiny import build_tiny_model
+from flowertune_finance.tools import presets
 
 PRESETS = sorted((REPO_ROOT / "configs").glob("*.toml"))
 NOT_FOR_THE_LEADERBOARD = {"cpu-smoke.toml"}  # a tiny local model: no leaderboard recipe

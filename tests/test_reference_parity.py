@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowertune_finance import models, synthetic, training
+from flowertune_finance import models, training
 from flowertune_finance.config import ConfigError, ModelConfig, parse_run_config
 from flowertune_finance.dataset import load_tokenizer
-from flowertune_finance.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
+from flowertune_finance.dev import synthetic
+from flowertune_finance.dev.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
+from flowertune_finance.dev.tiny import build_tiny_model
 from flowertune_finance.prompts import PROMPT_FORMATS
-from flowertune_finance.tiny import build_tiny_model
 from flowertune_finance.training_arguments import sft_arguments
 
 

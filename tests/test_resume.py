@@ -27,8 +27,8 @@ from conftest import REPO_ROOT, run_dirs, smoke_config
 from flwr.app import ArrayRecord
 from test_faults import fault_app_dir
 
-from flowertune_finance import launch
 from flowertune_finance.checkpoint import load_adapter
+from flowertune_finance.dev import launch
 from flowertune_finance.metrics import append_metrics, read_metrics
 from flowertune_finance.server_app import RoundRecorder, start_run
 from flowertune_finance.strategy import build_strategy

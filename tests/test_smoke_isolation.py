@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance import launch
-from flowertune_finance.launch import SUPERLINK_MARKER, PrivateSuperLink, processes_with_env
+from flowertune_finance.dev import launch
+from flowertune_finance.dev.launch import SUPERLINK_MARKER, PrivateSuperLink, processes_with_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_FILES = ("pyproject.toml", "README.md", ".gitignore", "LICENSE", "flowertune_finance")

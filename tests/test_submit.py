@@ -16,11 +16,12 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from flowertune_finance import cli, launch
+from flowertune_finance import cli
 from flowertune_finance.checkpoint import save_checkpoint
+from flowertune_finance.dev import launch
 from flowertune_finance.generation import file_sha256
 from flowertune_finance.metrics import METRICS_FILE, read_metrics
-from flowertune_finance.submit import SubmissionError, app_defaults, build_submission
+from flowertune_finance.tools.submit import SubmissionError, app_defaults, build_submission
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACCURACIES = {"fpb": 0.5, "fiqa": 0.25, "tfns": 0.75}
@@ -346,7 +347,7 @@ def test_a_file_changed_while_copying_is_refused(run, monkeypatch):
         if Path(source).name == "acc_fpb_smoke.txt":
             Path(target).write_text("Accuracy: 0.9. ")
 
-    monkeypatch.setattr("flowertune_finance.submit.shutil.copy2", copy_then_change)
+    monkeypatch.setattr("flowertune_finance.tools.submit.shutil.copy2", copy_then_change)
     assert f"{eval_dir / 'acc_fpb_smoke.txt'} changed while the submission was assembled" in _refused(run_dir, eval_dir)
 
 

@@ -3,7 +3,7 @@
 `flwr run . --run-config FILE.toml` reads one TOML file and refuses a file next to `key=value`
 overrides, so presets cannot be stacked on the command line. `merge_run_configs` stacks any
 number of preset files and `"k=v ..."` strings (each parsed by Flower's own parser, later ones
-win) and `python -m flowertune_finance.presets A.toml B.toml "k=v" -o run.toml` writes the
+win) and `python -m flowertune_finance.tools.presets A.toml B.toml "k=v" -o run.toml` writes the
 result as one file for `flwr run . --run-config run.toml`, after checking it like a run would.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS_DIR = REPO_ROOT / "configs"
 MODEL_CONFIGS = PRESETS_DIR / "model-configs.json"  # published configs of the models the presets name
 
@@ -53,7 +53,7 @@ def published_model_config(name: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flowertune_finance.presets",
+        prog="python -m flowertune_finance.tools.presets",
         description="Merge run-config presets and overrides (later ones win) into one file for "
                     "`flwr run . --run-config FILE`, checked against the app's pyproject.toml and validation.",
     )
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app-dir", type=Path, default=Path("."), help="the app folder (default: .)")
     args = parser.parse_args(argv)
 
-    from flowertune_finance import launch
+    from flowertune_finance.dev import launch
 
     if args.output.suffix != ".toml":
         parser.error(f"{args.output} must end in .toml (Flower reads a --run-config file only then)")

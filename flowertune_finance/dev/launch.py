@@ -35,7 +35,7 @@ from typing import Any
 
 import tomli_w
 
-from flowertune_finance import tiny
+from flowertune_finance.dev import tiny
 from flowertune_finance.leaderboard import NUM_SUPERNODES
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from flowertune_finance import launch, synthetic, tiny
 from flowertune_finance.checkpoint import latest_checkpoint
+from flowertune_finance.dev import launch, synthetic, tiny
 from flowertune_finance.prompts import format_completion, format_prompt, tokenize_prompt_then_label
 
 PROMPT_INSTRUCTIONS = (synthetic.INSTRUCTION_NEWS, synthetic.INSTRUCTION_TWEET)
@@ -204,7 +204,7 @@ def score_heldout(
     base_model: str | Path, peft_path: str | Path | None, data_dir: str | Path, output_dir: str | Path, run_name: str
 ) -> dict[str, Any]:
     """The real evaluation (protocol mode, unquantized tiny model) on the held-out FPB-schema set."""
-    from flowertune_finance.evaluate import evaluate_adapter
+    from flowertune_finance.tools.evaluate import evaluate_adapter
 
     return evaluate_adapter(
         str(base_model), None if peft_path is None else str(peft_path), datasets=("fpb",), data_dir=str(data_dir),
@@ -217,7 +217,8 @@ def sample_generations(
 ) -> list[dict[str, str]]:
     """A few raw generations with their gold label: the parse rule maps garbage to "neutral",
     so accuracy alone cannot tell a model that answers from one that babbles."""
-    from flowertune_finance.evaluate import answer_text, generate_answers, load_eval_set, load_model
+    from flowertune_finance.generation import load_model
+    from flowertune_finance.scoring import answer_text, generate_answers, load_eval_set
 
     eval_set = load_eval_set("fpb", str(data_dir), limit=count)
     model, tokenizer = load_model(str(base_model), None if peft_path is None else str(peft_path), quantization=0)

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import tomli_w
 
-from flowertune_finance import launch
-from flowertune_finance.credentials import (
+from flowertune_finance.dev import launch
+from flowertune_finance.dev.credentials import (
     LOOPBACK,
     Certificates,
     existing_certificates,
     generate_certificates,
     generate_node_keys,
 )
-from flowertune_finance.launch import flwr_env, free_port, kill_processes_with_env, signal_group
+from flowertune_finance.dev.launch import flwr_env, free_port, kill_processes_with_env, signal_group
 
 CONNECTION = "local-deployment"
 MARKER = "FLOWERTUNE_DEPLOYMENT"  # env var carried by every process a deployment starts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowertune_finance import synthetic
+from flowertune_finance.dev import synthetic
 
 ARCHITECTURES = ("mistral", "llama", "qwen2")
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
