@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
+from flowertune_finance.adapters import initial_adapter
 from flowertune_finance.checkpoint import save_checkpoint
 from flowertune_finance.config import parse_run_config
 from flowertune_finance.dev import launch, synthetic
 from flowertune_finance.dev.tiny import build_tiny_model
 from flowertune_finance.generation import load_model
 from flowertune_finance.leaderboard import DATASETS
-from flowertune_finance.models import initial_adapter
+from flowertune_finance.metrics import ReplyMetric
 from flowertune_finance.scoring import load_eval_set, score_set
 from flowertune_finance.training import train_adapter
 
@@ -59,7 +60,7 @@ def train_briefly(model_dir: Path, run_dir: Path, steps: int) -> Path:
     })
     adapter, lora = initial_adapter(config.model)
     trained, metrics = train_adapter(config, adapter, partition_id=0, num_partitions=1, server_round=1)
-    print(f"adapter: {steps} steps, train loss {metrics['train_loss']:.3f}")
+    print(f"adapter: {steps} steps, train loss {metrics[ReplyMetric.TRAIN_LOSS]:.3f}")
     run_dir.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(run_dir, 1, trained, lora, {"benchmark": "eval_modes"})
 

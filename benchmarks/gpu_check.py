@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from flowertune_finance.dev import launch
+from flowertune_finance.dev.processes import flwr_env, flwr_executable, isolated_flwr, kill_processes_with_env
 from flowertune_finance.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -488,7 +489,7 @@ def predicted_seconds(variant: str, done: dict[str, dict[str, Any]], plan: Plan)
 def run_log_tail(run_id: int, env: dict[str, str], chars: int = 4000) -> str | None:
     """The end of a run's log (`flwr log RUN_ID --show`): why a run failed, in the report itself."""
     try:
-        shown = subprocess.run([launch.flwr_executable(), "log", str(run_id), "--show"], env=launch.flwr_env(env),
+        shown = subprocess.run([flwr_executable(), "log", str(run_id), "--show"], env=flwr_env(env),
                                check=False, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -536,7 +537,7 @@ def run_variant(
 def run_variants(args, plan: Plan, clock: Clock, estimate, sampler: GpuSampler, cuda: bool, report) -> None:
     """All requested variants through one private SuperLink, in order, within the budget."""
     variants = report["variants"]
-    with tempfile.TemporaryDirectory(prefix="gpu-check-runs-") as work, launch.isolated_flwr() as env:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-runs-") as work, isolated_flwr() as env:
         report["flwr_home"] = env["FLWR_HOME"]  # private; whatever ran under it is stopped on exit
         for variant in args.variants:
             reserve = plan.eval_reserve_s if clock.budget_s is not None else 0.0
@@ -557,7 +558,7 @@ def run_variants(args, plan: Plan, clock: Clock, estimate, sampler: GpuSampler, 
                 if variants[variant]["status"] == "failed":
                     print((variants[variant].get("log_tail") or "")[-1500:], flush=True)
                     # a run cut off by its timeout may still hold the GPU: stop everything it started
-                    launch.kill_processes_with_env("FLWR_HOME", env["FLWR_HOME"])
+                    kill_processes_with_env("FLWR_HOME", env["FLWR_HOME"])
             print(f"--- {variant}: {variants[variant]['status']} {variants[variant].get('reason', '')}", flush=True)
             write_report(args.output, report)
 

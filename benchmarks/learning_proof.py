@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from flowertune_finance.dev import launch, proof, synthetic
+from flowertune_finance.dev import proof, synthetic
+from flowertune_finance.dev.processes import isolated_flwr
 
 APP_DIR = Path(__file__).resolve().parents[1]
 RESULTS = APP_DIR / "benchmarks" / "results" / "learning_proof.json"
@@ -80,7 +81,7 @@ def run(size_name: str, cases: list[str], seed: int, work_dir: Path, threads: in
         "before_samples": proof.sample_generations(base, None, eval_dir), "cases": {},
     }
     print(f"before (base model): {before['fpb']:.3f} on {before['counts']['fpb']} held-out examples", flush=True)
-    with launch.isolated_flwr() as env:
+    with isolated_flwr() as env:
         env = {**env, "OMP_NUM_THREADS": str(threads)}  # seen by the SuperLink it starts, and its workers
         for name in cases:
             prompt_format, strategy, overrides = CASES[name]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flowertune_finance.dev import launch, tiny
+from flowertune_finance.dev.processes import isolated_flwr
 from flowertune_finance.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     # with a GPU, one client per GPU (Ray hides the GPU from clients that ask for none)
     resources = {"num-cpus": 4, "num-gpus": 1} if cuda else None
     runs = []
-    with launch.isolated_flwr() as env:
+    with isolated_flwr() as env:
         work = RESULTS / "runs"  # kept (gitignored), so the runs can be inspected afterwards
         if args.warmup:
             warm = argparse.Namespace(**{**vars(args), "rounds": 1})

@@ -1,10 +1,12 @@
-"""Adapter checkpoints and run state, written atomically, found again for resume.
+"""Adapter checkpoints and run state, written atomically, found again and checked for resume.
 
 A checkpoint is a folder `<run>/peft_<round>` holding what `PeftModel.from_pretrained`
 reads (`adapter_config.json`, `adapter_model.safetensors`) plus `run_state.json`, the
 little the server needs to continue the run. The folder is assembled under a temporary
-name and renamed into place, so a crash mid-write never leaves a `peft_<round>` that looks
-complete, and an existing checkpoint is never overwritten.
+name and renamed into place (`staged_folder`, which `submit` uses too), so a crash mid-write
+never leaves a `peft_<round>` that looks complete, and an existing folder is never overwritten.
+A resumed run continues the newest checkpoint only if it is the same run: same defining
+settings, rounds left, an adapter that fits the model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,12 +27,16 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from flowertune_finance.metrics import RUN_CONFIG
+from flowertune_finance.metrics import METRICS_FILE, RUN_CONFIG, append_metrics
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_STATE = "run_state.json"
 CHECKPOINT_PATTERN = re.compile(r"^peft_(\d+)$")
+NAME_ATTEMPTS = 1000  # `<stamp>`, `<stamp>-1`, ...: far more writers than can start within one second
+# Model settings added after checkpoints were first written, with the value such a checkpoint was trained
+# with: a checkpoint that lacks one resumes as if it recorded that value.
+MODEL_SETTINGS_ADDED = {"lora_target_modules": "", "lora_freeze_a": False}
 
 
 class CheckpointError(RuntimeError):
@@ -44,19 +52,67 @@ class Checkpoint:
     state: dict[str, Any]
 
 
+def claim_timestamped_name(parent: Path, claim: Callable[[Path], None], prefix: str = "", suffix: str = "") -> Path:
+    """`parent/<prefix><time><suffix>`, or the first of `<time>-1`, `<time>-2`, ... that `claim` could take.
+
+    `claim` creates the name and raises FileExistsError when it is taken, so two writers
+    within the same second never share or replace each other's file or folder.
+    """
+    stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    for attempt in range(NAME_ATTEMPTS):
+        path = parent / f"{prefix}{stamp}{f'-{attempt}' if attempt else ''}{suffix}"
+        try:
+            claim(path)
+        except FileExistsError:
+            continue
+        return path
+    raise CheckpointError(f"no free name like {prefix}{stamp}{suffix} in {parent}: {NAME_ATTEMPTS} are taken")
+
+
 def create_run_dir(output_dir: str | Path) -> Path:
     """A new, empty run folder `<output_dir>/<timestamp>` (suffixed if the name is taken)."""
     base = Path(output_dir).expanduser().resolve()
     base.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    for attempt in range(1000):
-        run_dir = base / (stamp if attempt == 0 else f"{stamp}-{attempt}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise CheckpointError(f"could not create a new run folder under {base}")
+    return claim_timestamped_name(base, Path.mkdir)
+
+
+def _refuse_existing(target: Path) -> None:
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; refusing to overwrite it")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A new folder to fill, under a temporary name beside `target`; when the block ends without
+    an error, its files are forced to disk and it is renamed to `target` in one step.
+
+    `target`'s parent must exist. An existing `target` is refused with FileExistsError, on entry
+    and again at the rename (callers check earlier with their own message); on any error the
+    temporary folder is removed.
+    """
+    _refuse_existing(target)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    if staging.exists():  # left by a killed process that had the same pid
+        shutil.rmtree(staging)
+    try:
+        staging.mkdir()
+        yield staging
+        for path in [*staging.rglob("*"), staging]:
+            _fsync(path)
+        _refuse_existing(target)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(target.parent)
 
 
 def save_checkpoint(
@@ -66,32 +122,14 @@ def save_checkpoint(
     target = run_dir / f"peft_{server_round}"
     if target.exists():
         raise CheckpointError(f"checkpoint {target} already exists; refusing to overwrite it")
-    staging = run_dir / f".peft_{server_round}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    saved_config = copy.deepcopy(lora)
-    saved_config.inference_mode = True  # as PeftModel.save_pretrained writes it
-    saved_config.save_pretrained(str(staging))
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in adapter.items()}
-    save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (staging / RUN_STATE).write_text(json.dumps({"round": server_round, **state}, indent=2))
-    _fsync_dir(staging)
-    os.rename(staging, target)
-    _fsync_dir(run_dir)
+    with staged_folder(target) as staging:
+        saved_config = copy.deepcopy(lora)
+        saved_config.inference_mode = True  # as PeftModel.save_pretrained writes it
+        saved_config.save_pretrained(str(staging))
+        tensors = {key: value.detach().to("cpu").contiguous() for key, value in adapter.items()}
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (staging / RUN_STATE).write_text(json.dumps({"round": server_round, **state}, indent=2))
     return target
-
-
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir() if path.is_dir() else ():
-        if child.is_file():
-            with child.open("rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_adapter(path: str | Path) -> dict[str, torch.Tensor]:
@@ -179,6 +217,66 @@ def resume_checkpoint(run_dir: str | Path) -> Checkpoint:
                 f"to run {other!r}; a run folder must hold the checkpoints of one run only"
             )
     return newest
+
+
+def with_settings_added_since(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded settings, completed with `MODEL_SETTINGS_ADDED` it predates."""
+    if not isinstance(saved.get("model"), dict):
+        return saved
+    return {**saved, "model": {**MODEL_SETTINGS_ADDED, **saved["model"]}}
+
+
+def check_resumable(checkpoint: Checkpoint, resume_from: str, settings: dict[str, Any], num_server_rounds: int) -> None:
+    """Refuse to continue a checkpoint whose run-defining settings differ from `settings` (the
+    resumed run's `AppConfig.defining_settings()`), or whose run already has all its rounds."""
+    saved = with_settings_added_since(checkpoint.state.get("settings", {}))
+    current = json.loads(json.dumps(settings))  # the JSON types the checkpoint recorded
+    if saved != current:
+        changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        raise CheckpointError(
+            f"cannot resume {resume_from!r}: settings that define the run differ from the checkpoint's "
+            f"({', '.join(changed)}); saved {json.dumps({k: saved.get(k) for k in changed})}, "
+            f"now {json.dumps({k: current.get(k) for k in changed})}"
+        )
+    if checkpoint.round >= num_server_rounds:
+        raise CheckpointError(
+            f"cannot resume {resume_from!r}: its newest checkpoint is round {checkpoint.round} "
+            f"of {num_server_rounds}, the run is already complete"
+        )
+
+
+def load_resumed_adapter(
+    checkpoint: Checkpoint, resume_from: str, fresh: dict[str, torch.Tensor],
+    frozen_a: dict[str, torch.Tensor] | None, model_name: str,
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's adapter, refused unless it has the keys and shapes of `fresh` (what this model
+    and LoRA make) and, with model.lora.freeze-a, exactly the seeded A matrices `frozen_a`."""
+    resumed = load_adapter(checkpoint.path)
+    if set(resumed) != set(fresh) or any(resumed[k].shape != fresh[k].shape for k in fresh):
+        raise CheckpointError(f"checkpoint {checkpoint.path} does not fit model {model_name!r} with this LoRA")
+    changed_a = sorted(key for key in frozen_a or {} if not torch.equal(resumed[key].float(), frozen_a[key]))
+    if changed_a:
+        raise CheckpointError(
+            f"cannot resume {resume_from!r} with model.lora.freeze-a: {len(changed_a)} A matrices of "
+            f"{checkpoint.path.name} (e.g. {changed_a[0]}) differ from the seeded initialisation derived here "
+            "(another torch version?); the clients would train on a different A"
+        )
+    return resumed
+
+
+def restart_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """Start `metrics.jsonl` again from a checkpoint's history; the crashed run's file, whose lines
+    may run ahead of the checkpoint, is kept as `metrics.before-resume-<time>.jsonl`."""
+    metrics_path = run_dir / METRICS_FILE
+
+    def move_to(kept: Path) -> None:
+        _refuse_existing(kept)
+        metrics_path.rename(kept)
+
+    if metrics_path.exists():
+        claim_timestamped_name(run_dir, move_to, prefix="metrics.before-resume-", suffix=".jsonl")
+    for record in history:
+        append_metrics(run_dir, record)
 
 
 def write_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:

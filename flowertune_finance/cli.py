@@ -18,20 +18,21 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _smoke(args: argparse.Namespace) -> int:
-    from flowertune_finance.dev import launch
+    from flowertune_finance.dev import launch, smoke
+    from flowertune_finance.dev.superlink import PrivateSuperLink, SuperLinkError
 
     app_dir = Path(args.app_dir).resolve()
     if not (app_dir / "pyproject.toml").is_file():
         print(f"error: {app_dir} holds no pyproject.toml; pass the app folder (the repository root)", file=sys.stderr)
         return 2
-    superlink = launch.PrivateSuperLink(app_dir)
+    superlink = PrivateSuperLink(app_dir)
     stop_hint = f"flowertune-finance smoke --stop {_shell_path(app_dir)}"
     if args.stop:
         stopped = superlink.stop()
         print(f"Stopped the private SuperLink of {app_dir} (pid {stopped.pid})." if stopped
               else f"No private SuperLink is running for {app_dir}.")
         return 0
-    for venv in launch.venvs_inside(app_dir):
+    for venv in smoke.venvs_inside(app_dir):
         print(f"warning: {venv} is a virtual environment inside the app folder; Flower's bundler walks it on every "
               "`flwr run` (about 4-5 s each): create the venv outside the app folder", file=sys.stderr)
     try:
@@ -40,11 +41,11 @@ def _smoke(args: argparse.Namespace) -> int:
               f"it keeps running for the next smoke, `{stop_hint}` stops it", flush=True)
         model_dir = launch.ensure_tiny_model(superlink.folder / "tiny-model")
         run_config = launch.smoke_run_config(app_dir, model_dir, quantization=args.quantization, rounds=args.rounds)
-        result = launch.run_smoke(
+        result = smoke.run_smoke(
             superlink, run_config, num_supernodes=args.num_supernodes, verbose=args.verbose,
             say=lambda line: print(line, flush=True),
         )
-    except launch.RunInterrupted as interrupted:
+    except smoke.RunInterrupted as interrupted:
         print(f"Interrupted: run {interrupted.run_id} stopped (status {interrupted.status}); the private SuperLink "
               f"keeps running, `{stop_hint}` stops it.", flush=True)
         return 130
@@ -52,7 +53,7 @@ def _smoke(args: argparse.Namespace) -> int:
         print("Interrupted before a run was submitted; nothing is running but the private SuperLink "
               f"(`{stop_hint}` stops it).", flush=True)
         return 130
-    except (launch.RunFailed, launch.SuperLinkError) as error:
+    except (launch.RunFailed, SuperLinkError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     run_dir = result.run_dir or app_dir / "results"
@@ -78,7 +79,7 @@ def _shell_path(path: str | Path) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from flowertune_finance.dev import launch
+    from flowertune_finance.tools.run_config_check import RunConfigProblems, check_run_config
 
     app_dir = Path(args.app_dir).resolve()
     if not (app_dir / "pyproject.toml").is_file():
@@ -89,8 +90,8 @@ def _check_config(args: argparse.Namespace) -> int:
         print("error: give either a FILE or --run-config values (Flower does not mix the two)", file=sys.stderr)
         return 2
     try:
-        checked = launch.check_run_config(app_dir, overrides)
-    except launch.RunConfigProblems as problems:
+        checked = check_run_config(app_dir, overrides)
+    except RunConfigProblems as problems:
         for problem in problems.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -187,10 +188,8 @@ def _hub_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowertune-finance", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_try_out_commands(commands: argparse._SubParsersAction) -> None:
+    """The commands that run the app on this machine: a tiny model, the CPU smoke, the config check."""
     tiny = commands.add_parser("tiny-model", help="write a tiny random causal LM + tokenizer to DIR (offline tests, smoke)")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--architecture", default="mistral", choices=("mistral", "llama", "qwen2"))
@@ -224,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--app-dir", default=".", help="the app folder whose pyproject.toml holds the keys (default: .)")
     check.set_defaults(handler=_check_config)
 
+
+def _add_leaderboard_commands(commands: argparse._SubParsersAction) -> None:
+    """The commands that score a run and assemble its leaderboard submission."""
     evaluate = commands.add_parser("eval", help="leaderboard accuracy on FPB, FiQA, TFNS (the leaderboard's protocol)")
     evaluate.add_argument("--base-model-name-path", default="mistralai/Mistral-7B-v0.3")
     evaluate.add_argument("--peft-path", default=None, help="PEFT checkpoint folder (default: the bare base model)")
@@ -256,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--app-dir", type=Path, default=Path("."), help="the app whose pyproject.toml holds the defaults")
     submit.set_defaults(handler=_submit)
 
+
+def _add_deployment_commands(commands: argparse._SubParsersAction) -> None:
+    """The commands for a deployment: a local one to try, the Hub's checks before publishing."""
     deploy = commands.add_parser(
         "deploy-local", help="SuperLink + SuperNodes with TLS on 127.0.0.1 (Flower's Deployment Engine), until Ctrl-C"
     )
@@ -273,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hub_check.add_argument("app_dir", nargs="?", default=".", help="the app folder (default: .)")
     hub_check.set_defaults(handler=_hub_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowertune-finance", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_try_out_commands, _add_leaderboard_commands, _add_deployment_commands):
+        add(commands)
     return parser
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flowertune_finance.adapters import FROZEN_A_CHECKSUM_KEY
 from flowertune_finance.config import check_local_paths, parse_run_config
-from flowertune_finance.models import FROZEN_A_CHECKSUM_KEY
 from flowertune_finance.node_data import node_data
-from flowertune_finance.training import freeze_long_lived_objects, silence_progress_bars, train_adapter
+from flowertune_finance.training import silence_progress_bars, train_adapter
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 app = ClientApp()
 
@@ -28,5 +29,5 @@ def train(msg: Message, context: Context) -> Message:
         config, adapter, node.partition_id, node.num_partitions, server_round, proximal_mu, frozen_a_sha256
     )
     content = RecordDict({"arrays": ArrayRecord(new_adapter), "metrics": MetricRecord(metrics)})
-    freeze_long_lived_objects()
+    WORKER_CACHE.freeze_once()  # after the first call: what lives as long as the worker leaves the gc's view
     return Message(content=content, reply_to=msg)

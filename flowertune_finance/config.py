@@ -1,8 +1,8 @@
 """The run config, declared once: every key with its default, check and help, typed by OmegaConf.
 
 `context.run_config` is a flat mapping of dotted keys (``model.lora.peft-lora-r``). Each key is
-a field of the dataclasses below, declared with `setting(...)`: its run-config key, default,
-allowed values and help text live in that one place. `parse_run_config` turns the flat
+a field of the dataclasses below, declared with `settings.setting(...)`: its run-config key,
+default, allowed values and help text live in that one place. `parse_run_config` turns the flat
 mapping into the typed `AppConfig` (OmegaConf structured config: defaults merged, types
 enforced), runs the checks, and builds the run's `trl.SFTConfig` once, so a typo or an
 out-of-range value stops the run with a message naming the key before anything is loaded.
@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowertune_finance.prompts import PROMPT_FORMATS
+from flowertune_finance.settings import Setting, at_least, below_one, declared_settings, markdown_table, one_of, setting
 from flowertune_finance.strategies import STRATEGIES
 
 QUANTIZATIONS = (0, 4, 8)
@@ -34,38 +34,6 @@ TRAINING_ARGUMENTS_PREFIX = "train.training-arguments."
 
 class ConfigError(ValueError):
     """A run-config value is missing, of the wrong type, or out of range."""
-
-
-@dataclass(frozen=True)
-class Spec:
-    """What the run config says about one field: its key, what is allowed, and why it exists."""
-
-    key: str
-    help: str
-    allowed: str
-    check: Callable[[Any], bool] | None = None
-
-
-def setting(key: str, default: Any, help: str, allowed: str = "", check: Callable[[Any], bool] | None = None) -> Any:
-    """A dataclass field that is also a run-config key."""
-    return field(default=default, metadata={"spec": Spec(key, help, allowed or _allowed_for(default), check)})
-
-
-def _allowed_for(default: Any) -> str:
-    return "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
-
-
-def one_of(values: tuple) -> tuple[str, Callable[[Any], bool]]:
-    names = [str(v) for v in values]
-    return f"{', '.join(names[:-1])} or {names[-1]}", values.__contains__
-
-
-def at_least(low: float, strict: bool = False) -> tuple[str, Callable[[Any], bool]]:
-    return (f"a number > {low}", lambda v: v > low) if strict else (f"a number >= {low}", lambda v: v >= low)
-
-
-def below_one() -> tuple[str, Callable[[Any], bool]]:
-    return "0 <= value < 1", lambda v: 0 <= v < 1
 
 
 ALL_LINEAR = "all-linear"
@@ -207,28 +175,7 @@ class AppConfig:
         }
 
 
-@dataclass(frozen=True)
-class Setting:
-    """A declared key: where it lives in `AppConfig`, its type and default, and its `Spec`."""
-
-    path: str  # attribute path in AppConfig, e.g. "model.lora_r"
-    type: type
-    default: Any
-    spec: Spec
-
-
-def _declared(cls: type, prefix: str = "") -> dict[str, Setting]:
-    found: dict[str, Setting] = {}
-    for item in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(item.default_factory):
-            found.update(_declared(item.default_factory, f"{prefix}{item.name}."))
-        elif "spec" in item.metadata:
-            found[item.metadata["spec"].key] = Setting(
-                f"{prefix}{item.name}", type(item.default), item.default, item.metadata["spec"])
-    return found
-
-
-SETTINGS: dict[str, Setting] = _declared(AppConfig)
+SETTINGS: dict[str, Setting] = declared_settings(AppConfig)
 
 
 def _typed(key: str, value: Any, setting_: Setting) -> Any:
@@ -312,8 +259,4 @@ def check_local_paths(config: AppConfig, on_server: bool = True) -> None:
 
 def settings_table() -> str:
     """The Markdown table of every key (docs/configuration.md holds it; a test keeps them equal)."""
-    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
-    for key, declared in SETTINGS.items():
-        default = json.dumps(declared.default)
-        rows.append(f"| `{key}` | `{default}` | {declared.spec.allowed} | {declared.spec.help} |")
-    return "\n".join(rows)
+    return markdown_table(SETTINGS)

@@ -18,6 +18,7 @@ from typing import Any
 from datasets import Dataset
 
 from flowertune_finance.prompts import PROMPT_FORMATS
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 REQUIRED_COLUMNS = ("instruction", "input", "output")
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -133,33 +134,22 @@ def label_report(outputs: Sequence[str]) -> tuple[str, list[str]]:
     return line, sorted(label for label in counts if label.lower() not in KNOWN_LABELS)
 
 
-# Per-process cache: one FederatedDataset per data source and partition count. Flower
-# Datasets loads and shuffles the whole data set once; every later client call in this
-# worker then only slices it.
-_FEDERATED_DATASETS: dict[tuple[str, str, int], Any] = {}
-
-
 def load_partition(partition_id: int, num_partitions: int, dataset_name: str, dataset_path: str = "") -> Dataset:
     """One IID partition of the training data, from the hub or from a local file.
 
-    Rows with a blank instruction or output are dropped (hub data cannot be fixed by the
-    user; a local file is checked strictly by `validate_data_file` at server start).
+    The partitioned data set is built once per process (`WORKER_CACHE.federated_dataset`):
+    Flower Datasets loads and shuffles the whole data set once, and every later client call
+    in this worker only slices it. Rows with a blank instruction or output are dropped (hub
+    data cannot be fixed by the user; a local file is checked strictly by `validate_data_file`
+    at server start).
     """
-    from flwr_datasets import FederatedDataset
-    from flwr_datasets.partitioner import IidPartitioner
-
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is out of range for num-partitions {num_partitions}")
-    key = (dataset_name, dataset_path, num_partitions)
-    if key not in _FEDERATED_DATASETS:
-        partitioners = {"train": IidPartitioner(num_partitions=num_partitions)}
-        if dataset_path:
-            path = Path(dataset_path).expanduser()
-            source = FederatedDataset(dataset=_builder(path), data_files=str(path), partitioners=partitioners)
-        else:
-            source = FederatedDataset(dataset=dataset_name, partitioners=partitioners)
-        _FEDERATED_DATASETS[key] = source
-    partition = _FEDERATED_DATASETS[key].load_partition(partition_id, "train")
+    source = WORKER_CACHE.federated_dataset(
+        (dataset_name, dataset_path, num_partitions),
+        lambda: federated_dataset(dataset_name, dataset_path, num_partitions),
+    )
+    partition = source.load_partition(partition_id, "train")
     _check_columns(partition.column_names, dataset_path or dataset_name)
     rows = {index for index, _ in bad_rows(partition)}
     if rows:
@@ -170,6 +160,18 @@ def load_partition(partition_id: int, num_partitions: int, dataset_name: str, da
             "partitions (SuperNodes); use more data or fewer SuperNodes"
         )
     return partition
+
+
+def federated_dataset(dataset_name: str, dataset_path: str, num_partitions: int):
+    """Flower Datasets' IID partitioning of the local file when given, else of the hub data set."""
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    partitioners = {"train": IidPartitioner(num_partitions=num_partitions)}
+    if dataset_path:
+        path = Path(dataset_path).expanduser()
+        return FederatedDataset(dataset=_builder(path), data_files=str(path), partitioners=partitioners)
+    return FederatedDataset(dataset=dataset_name, partitioners=partitioners)
 
 
 def load_tokenizer(model_name: str):

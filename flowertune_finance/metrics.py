@@ -19,6 +19,27 @@ RUN_CONFIG = "run_config.json"  # the run config, kept next to the checkpoints
 CLIENT_PHASES = ("model", "data", "setup", "train", "steps", "serialize")
 
 
+class ReplyMetric:
+    """The names of the metrics in a client's reply (its MetricRecord), shared by client and server.
+
+    What travels in Flower's records is named in Flower's style, like its own `num-examples`;
+    `metrics.jsonl` names its fields as Python does (`RoundRecord`).
+    """
+
+    NUM_EXAMPLES = "num-examples"  # the weight FedAvg averages by
+    TRAIN_LOSS = "train-loss"
+    LEARNING_RATE = "learning-rate"
+    TRAIN_STEPS = "train-steps"
+    TRAIN_TOKENS = "train-tokens"  # TRL's count of non-padding tokens
+    BASE_MODEL_LOADS = "base-model-loads"
+    PEAK_VRAM_MB = "peak-vram-mb"  # GPU only
+
+    @staticmethod
+    def time(phase: str) -> str:
+        """The seconds one of `CLIENT_PHASES` took."""
+        return f"time-{phase}"
+
+
 @dataclass
 class RoundRecord:
     """One round, as one line of `metrics.jsonl` (its keys are these fields' names).

@@ -24,13 +24,11 @@ from typing import Any
 
 from flowertune_finance.config import AppConfig
 from flowertune_finance.dataset import DataError, validate_data_file
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 PARTITION_KEYS = ("partition-id", "num-partitions")
 DATASET_PATH_KEY = "dataset-path"
 EXAMPLE = '--node-config "partition-id=0 num-partitions=50" or --node-config \'dataset-path="/data/mine.jsonl"\''
-
-# Files already validated in this process, keyed by path, size and modification time.
-_VALIDATED: set[tuple[str, int, int] | None] = set()
 
 
 @dataclass(frozen=True)
@@ -77,8 +75,10 @@ def node_data(node_config: Mapping[str, Any]) -> NodeData:
 
 
 def _validate_once(path: str) -> None:
+    """Validate the node's file once per process and version of the file (path, size, mtime):
+    the ClientApp checks it on every call. A missing file is never remembered: validation raises."""
     file = Path(path)
     key = (path, file.stat().st_size, file.stat().st_mtime_ns) if file.is_file() else None
-    if key not in _VALIDATED:  # a missing file is never cached: validate_data_file raises
-        validate_data_file(path, setting=f"node config '{DATASET_PATH_KEY}'")
-        _VALIDATED.add(key)
+    WORKER_CACHE.validate_data_file_once(
+        key, lambda: validate_data_file(path, setting=f"node config '{DATASET_PATH_KEY}'")
+    )

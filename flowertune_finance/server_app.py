@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,21 +17,24 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from peft import LoraConfig
 
-from flowertune_finance import models
+from flowertune_finance.adapters import FROZEN_A_CHECKSUM_KEY, adapter_checksum, initial_adapter, split_frozen
 from flowertune_finance.checkpoint import (
-    CheckpointError,
+    check_resumable,
     create_run_dir,
-    load_adapter,
+    load_resumed_adapter,
+    restart_metrics,
     resume_checkpoint,
     save_checkpoint,
     write_run_config,
 )
+from flowertune_finance.communication import CommunicationPlan, project_communication, report_projection
 from flowertune_finance.config import AppConfig, check_local_paths, parse_run_config
 from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
-from flowertune_finance.metrics import CLIENT_PHASES, METRICS_FILE, RoundRecord, append_metrics, progress_line
-from flowertune_finance.models import FROZEN_A_CHECKSUM_KEY, adapter_checksum, cosine_annealing, initial_adapter
+from flowertune_finance.metrics import CLIENT_PHASES, ReplyMetric, RoundRecord, append_metrics, progress_line
+from flowertune_finance.models import cosine_annealing
 from flowertune_finance.preflight import preflight
-from flowertune_finance.strategy import CommunicationPlan, FlowerTuneMixin, build_strategy, plan_communication
+from flowertune_finance.strategy import FlowerTuneMixin, build_strategy
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 if TYPE_CHECKING:
     from flowertune_finance.server_eval import ServerEvaluator
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 app = ServerApp()
 
 ETA_WINDOW_ROUNDS = 10  # the ETA averages this many recent rounds, so start-up cost fades out
-PROJECTION_FILE = "projected_communication.json"  # the plan of a run, next to run_config.json
 
 
 @dataclass
@@ -75,65 +75,22 @@ class RunSetup:
         return ConfigRecord({FROZEN_A_CHECKSUM_KEY: adapter_checksum(self.frozen_a)} if self.frozen_a else {})
 
 
-# Model settings added after checkpoints were first written, with the value such a checkpoint was trained
-# with: a checkpoint that lacks one resumes as if it recorded that value.
-MODEL_SETTINGS_ADDED = {"lora_target_modules": "", "lora_freeze_a": False}
-
-
-def with_settings_added_since(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's recorded settings, completed with `MODEL_SETTINGS_ADDED` it predates."""
-    if not isinstance(saved.get("model"), dict):
-        return saved
-    return {**saved, "model": {**MODEL_SETTINGS_ADDED, **saved["model"]}}
-
-
 def prepare_run(config: AppConfig, run_config: dict[str, Any]) -> RunSetup:
-    """A fresh run folder with a new adapter, or the resumed run's folder and newest checkpoint."""
+    """A fresh run folder with a new adapter, or the resumed run's folder and newest checkpoint
+    (refused unless it continues this run: see `checkpoint.check_resumable`)."""
     adapter, lora = initial_adapter(config.model)
-    frozen_a = models.split_frozen(adapter)[0] if config.model.lora_freeze_a else None
+    frozen_a = split_frozen(adapter)[0] if config.model.lora_freeze_a else None
     if not config.resume_from:
         run_dir = create_run_dir(config.output_dir)
         write_run_config(run_dir, run_config)
         return RunSetup(run_dir=run_dir, start_round=0, adapter=adapter, lora=lora, frozen_a=frozen_a)
 
     checkpoint = resume_checkpoint(config.resume_from)
-    saved = with_settings_added_since(checkpoint.state.get("settings", {}))
-    current = json.loads(json.dumps(config.defining_settings()))
-    if saved != current:
-        changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
-        raise CheckpointError(
-            f"cannot resume {config.resume_from!r}: settings that define the run differ from the checkpoint's "
-            f"({', '.join(changed)}); saved {json.dumps({k: saved.get(k) for k in changed})}, "
-            f"now {json.dumps({k: current.get(k) for k in changed})}"
-        )
-    if checkpoint.round >= config.num_server_rounds:
-        raise CheckpointError(
-            f"cannot resume {config.resume_from!r}: its newest checkpoint is round {checkpoint.round} "
-            f"of {config.num_server_rounds}, the run is already complete"
-        )
-    resumed = load_adapter(checkpoint.path)
-    if set(resumed) != set(adapter) or any(resumed[k].shape != adapter[k].shape for k in adapter):
-        raise CheckpointError(f"checkpoint {checkpoint.path} does not fit model {config.model.name!r} with this LoRA")
-    changed_a = sorted(key for key in frozen_a or {} if not torch.equal(resumed[key].float(), frozen_a[key]))
-    if changed_a:
-        raise CheckpointError(
-            f"cannot resume {config.resume_from!r} with model.lora.freeze-a: {len(changed_a)} A matrices of "
-            f"{checkpoint.path.name} (e.g. {changed_a[0]}) differ from the seeded initialisation derived here "
-            "(another torch version?); the clients would train on a different A"
-        )
+    check_resumable(checkpoint, config.resume_from, config.defining_settings(), config.num_server_rounds)
+    resumed = load_resumed_adapter(checkpoint, config.resume_from, adapter, frozen_a, config.model.name)
     run_dir = checkpoint.path.parent.resolve()
-    metrics_path = run_dir / METRICS_FILE
-    if metrics_path.exists():  # keep the crashed run's lines, restart the file from the checkpoint's history
-        stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
-        kept = run_dir / f"metrics.before-resume-{stamp}.jsonl"
-        for attempt in range(1, 1000):  # two resumes within a second must not replace each other's file
-            if not kept.exists():
-                break
-            kept = run_dir / f"metrics.before-resume-{stamp}-{attempt}.jsonl"
-        metrics_path.rename(kept)
     history = checkpoint.state.get("history", [])
-    for record in history:
-        append_metrics(run_dir, record)
+    restart_metrics(run_dir, history)
     log(INFO, "Resuming %s from %s (round %s)", run_dir, checkpoint.path.name, checkpoint.round)
     return RunSetup(
         run_dir=run_dir,
@@ -166,8 +123,8 @@ class RoundRecorder:
         self.round_ends = [self.started]
         self.skipped_in_a_row = 0
 
-    def __call__(self, current_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round = current_round + self.run.start_round
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's `evaluate_fn`, called with the run's round numbers (`FlowerTuneMixin.run_rounds`)."""
         if server_round == self.run.start_round:
             return None  # Flower's call before the first round: nothing trained yet
         self.round_ends.append(time.time())
@@ -176,6 +133,7 @@ class RoundRecorder:
             record.projected_mb = self.run.projection.projected_mb
         if self.evaluator is not None and self.evaluator.due(server_round):
             record.evaluation = self.evaluate(arrays)
+            record.server_base_model_loads = WORKER_CACHE.base_model_loads  # the evaluator loads on first use
         append_metrics(self.run.run_dir, record.to_json())
         self.run.history.append(record.to_json())
         log(INFO, progress_line(
@@ -228,7 +186,7 @@ class RoundRecorder:
             round=server_round,
             wall_time_s=round(time.time() - stats.started, 3),
             elapsed_s=round(self.elapsed_before + time.time() - self.started, 3),
-            train_loss=dict(stats.train_metrics or {}).get("train_loss"),
+            train_loss=dict(stats.train_metrics or {}).get(ReplyMetric.TRAIN_LOSS),
             learning_rate=cosine_annealing(
                 server_round, self.config.num_server_rounds,
                 self.config.train.learning_rate_max, self.config.train.learning_rate_min,
@@ -243,12 +201,13 @@ class RoundRecorder:
             mb_received=stats.mb_received,
             cumulative_mb=stats.cumulative_mb,
             client_time_s={
-                phase: round(sum(m.get(f"time-{phase}", 0.0) for m in clients), 4) for phase in CLIENT_PHASES
+                phase: round(sum(m.get(ReplyMetric.time(phase), 0.0) for m in clients), 4) for phase in CLIENT_PHASES
             },
-            client_base_model_loads=int(sum(m.get("base-model-loads", 0) for m in clients)),
-            client_train_tokens=int(sum(m.get("train-tokens", 0) for m in clients)),
-            client_peak_vram_mb=max((m["peak-vram-mb"] for m in clients if "peak-vram-mb" in m), default=None),
-            server_base_model_loads=models.BASE_MODEL_LOADS,
+            client_base_model_loads=int(sum(m.get(ReplyMetric.BASE_MODEL_LOADS, 0) for m in clients)),
+            client_train_tokens=int(sum(m.get(ReplyMetric.TRAIN_TOKENS, 0) for m in clients)),
+            client_peak_vram_mb=max((m[ReplyMetric.PEAK_VRAM_MB] for m in clients if ReplyMetric.PEAK_VRAM_MB in m),
+                                    default=None),
+            server_base_model_loads=WORKER_CACHE.base_model_loads,
         )
 
     def save(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -282,39 +241,8 @@ def start_run(
     run = prepare_run(config, dict(run_config))
     run.projection = project_communication(
         config, num_partitions, run.travelling(), run.start_round, run.communication_mb)
-    report_projection(run)
+    report_projection(run.projection, run.run_dir, run.start_round)
     return config, run, evaluator
-
-
-def project_communication(
-    config: AppConfig, num_supernodes: int, travelling: Mapping[str, Any] | None = None, start_round: int = 0,
-    spent_mb: float = 0.0, hf_config: Any = None,
-) -> CommunicationPlan:
-    """The run's communication from round `start_round` on, for `num_supernodes` connected nodes.
-
-    `travelling` holds the arrays (or shapes) that are sent; without it they come from the model's
-    config (`hf_config`, or the model's config file) on the meta device.
-    """
-    if travelling is None:
-        shapes = models.adapter_shapes(config.model, hf_config)
-        travelling = models.split_frozen(shapes)[1] if config.model.lora_freeze_a else shapes
-    shapes = {key: tuple(value.shape) if hasattr(value, "shape") else tuple(value) for key, value in travelling.items()}
-    return plan_communication(
-        shapes, config.train.transport_dtype, num_supernodes, config.strategy.fraction_train,
-        config.num_server_rounds - start_round, freeze_a=config.model.lora_freeze_a, spent_mb=spent_mb,
-    )
-
-
-def report_projection(run: RunSetup) -> None:
-    """Log the plan (one warning line when over budget) and keep it in the run folder."""
-    plan = run.projection
-    log(INFO, "%s", plan.summary())
-    if plan.warning():
-        log(WARNING, "%s", plan.warning())
-    name = PROJECTION_FILE if run.start_round == 0 else f"projected_communication.from-round-{run.start_round}.json"
-    path = run.run_dir / name
-    if not path.exists():  # a second resume from the same checkpoint keeps the first one's file
-        path.write_text(json.dumps({"start_round": run.start_round, **plan.as_dict()}, indent=2) + "\n")
 
 
 @app.main()
@@ -324,13 +252,8 @@ def main(grid: Grid, context: Context) -> None:
     config, run, evaluator = start_run(context.run_config, max(num_nodes, 1))
     log(INFO, "Run folder: %s", run.run_dir)
     strategy = build_strategy(config.strategy, run.start_round, run.communication_mb, config.train.transport_dtype)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(run.travelling()),
-        train_config=run.round_config(),
-        num_rounds=config.num_server_rounds - run.start_round,
-        evaluate_fn=RoundRecorder(config, run, strategy, evaluator),
-    )
+    strategy.run_rounds(grid, ArrayRecord(run.travelling()), run.round_config(), config.num_server_rounds,
+                        after_round=RoundRecorder(config, run, strategy, evaluator))
     log(INFO, "Run finished; checkpoints in %s", run.run_dir)
     write_plots(run.run_dir)
 

@@ -1,7 +1,8 @@
 """Optional fast-mode evaluation of the global adapter on the server, every few rounds.
 
 Off by default (`eval.every-rounds = 0`), so the leaderboard path is unchanged. When on,
-the server loads the base model once, on first use, and scores each evaluated round's
+the server loads the base model once, on first use (counted in `WORKER_CACHE.base_model_loads`,
+which the round record reports as `server_base_model_loads`), and scores each evaluated round's
 aggregated adapter on the first `eval.num-examples` examples of FPB, FiQA and TFNS
 (protocol splits, fast decoding). The data is loaded and checked when the run starts.
 """
@@ -16,11 +17,12 @@ import torch
 from flwr.common import log
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
+from flowertune_finance.adapters import ADAPTER_NAME
 from flowertune_finance.config import AppConfig
 from flowertune_finance.generation import load_model
 from flowertune_finance.leaderboard import DATASETS
-from flowertune_finance.models import ADAPTER_NAME
 from flowertune_finance.scoring import load_eval_set, score_set
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 BATCH_SIZE = 32  # the leaderboard's default batch size
 
@@ -44,6 +46,7 @@ class ServerEvaluator:
         started = time.perf_counter()
         if self.model is None:
             base, self.tokenizer = load_model(self.model_name, None, self.quantization)
+            WORKER_CACHE.count_base_model_load()  # reported as the round record's server_base_model_loads
             self.model = get_peft_model(base, copy.deepcopy(lora)).eval()
         # PEFT's own loader: the [PAD]-resized embeddings are not part of the adapter
         loaded = set_peft_model_state_dict(self.model, adapter, adapter_name=ADAPTER_NAME)

@@ -1,123 +1,42 @@
 """Flower's strategies, made fit for long LLM runs: communication accounting, reply checks, resume.
 
-`FlowerTuneMixin` sits in front of any of Flower's built-in strategies (FedAvg, FedProx,
-FedAdam, FedAvgM). It adds three things without copying their aggregation code:
+`FlowerTuneMixin` sits in front of any of Flower's built-in strategies (the registry is
+`strategies.STRATEGIES`). It adds three things without copying their aggregation code:
 - communication cost: bytes of every ArrayRecord sent and received, per round and in
   total, against the leaderboard's 200,000 MB budget;
 - robust aggregation: a reply with missing keys, wrong shapes or dtypes, or non-finite
   values is dropped and logged (FedAvg would average it in); with none valid, the global
   adapter stays as it was;
 - a round offset, so a resumed run continues its round numbering (and with it the
-  learning-rate schedule the clients compute from `server-round`).
-`plan_communication` projects a run's total before it starts, with the same byte count.
+  learning-rate schedule the clients compute from `server-round`); Flower counts from 1
+  at every start, and `FlowerTuneMixin.run_round` is the one place that translates.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import flwr.serverapp.strategy
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 
+from flowertune_finance.communication import MB, MIN_TRAIN_NODES
 from flowertune_finance.config import ConfigError, StrategyConfig
 from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
+from flowertune_finance.metrics import ReplyMetric
 from flowertune_finance.strategies import STRATEGIES
 
-MB = 1024**2
-FLOAT_DTYPES = ("float32", "float16")
-MIN_TRAIN_NODES = 2  # Flower's default: FedAvg samples max(int(nodes * fraction-train), this)
-
-
-def clients_per_round(num_nodes: int, fraction_train: float, min_train_nodes: int = MIN_TRAIN_NODES) -> int:
-    """How many clients Flower's FedAvg (and its subclasses) samples each round."""
-    return max(int(num_nodes * fraction_train), min_train_nodes)
-
-
-def array_bytes(shape: tuple[int, ...], dtype: str) -> int:
-    """What `Array.count_bytes` counts for an array of this shape and dtype: the .npy payload and header."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
-    )
-    return len(header.getvalue()) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-def record_bytes(shapes: Mapping[str, tuple[int, ...]], dtype: str) -> int:
-    """`ArrayRecord.count_bytes` of arrays with these names and shapes, without building them."""
-    return sum(array_bytes(shape, dtype) + len(key) for key, shape in shapes.items())
-
-
-@dataclass(frozen=True)
-class CommunicationPlan:
-    """A run's projected communication: what travels per client each way, times 2 directions,
-    times the clients sampled per round, times the rounds (plus what a resumed run already spent)."""
-
-    mb_per_client_each_way: float
-    clients_per_round: int
-    rounds: int  # rounds still to run
-    num_supernodes: int
-    transport_dtype: str
-    freeze_a: bool
-    spent_mb: float = 0.0
-    budget_mb: float = COMMUNICATION_BUDGET_MB
-
-    @property
-    def projected_mb(self) -> float:
-        return self.spent_mb + self.mb_per_client_each_way * 2 * self.clients_per_round * self.rounds
-
-    @property
-    def within_budget(self) -> bool:
-        return self.projected_mb <= self.budget_mb
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "projected_mb": self.projected_mb, "within_budget": self.within_budget}
-
-    def summary(self) -> str:
-        travels = "B only, A frozen" if self.freeze_a else "A and B"
-        spent = f" + {self.spent_mb:,.1f} MB already spent" if self.spent_mb else ""
-        return (
-            f"Projected communication: {self.mb_per_client_each_way:,.2f} MB per client each way "
-            f"({self.transport_dtype}; {travels}) x 2 directions x {self.clients_per_round} clients per round "
-            f"(of {self.num_supernodes} SuperNodes) x {self.rounds} rounds{spent} = {self.projected_mb:,.1f} MB "
-            f"of the {self.budget_mb:,.0f} MB budget ({100 * self.projected_mb / self.budget_mb:.1f}%)"
-        )
-
-    def warning(self) -> str | None:
-        if self.within_budget:
-            return None
-        return (
-            f"Projected communication {self.projected_mb:,.0f} MB exceeds the leaderboard budget of "
-            f"{self.budget_mb:,.0f} MB: lower num-server-rounds, strategy.fraction-train, the LoRA rank or "
-            "model.lora.target-modules, or set train.transport-dtype = \"float16\" or model.lora.freeze-a = true"
-        )
-
-
-def plan_communication(
-    travelling_shapes: Mapping[str, tuple[int, ...]],
-    transport_dtype: str,
-    num_supernodes: int,
-    fraction_train: float,
-    rounds: int,
-    freeze_a: bool = False,
-    spent_mb: float = 0.0,
-) -> CommunicationPlan:
-    """The plan for arrays of `travelling_shapes` sent as `transport_dtype` to and from each sampled client."""
-    return CommunicationPlan(
-        mb_per_client_each_way=record_bytes(travelling_shapes, transport_dtype) / MB,
-        clients_per_round=clients_per_round(num_supernodes, fraction_train),
-        rounds=rounds, num_supernodes=num_supernodes, transport_dtype=transport_dtype, freeze_a=freeze_a,
-        spent_mb=spent_mb,
-    )
+FLOAT_DTYPES = ("float32", "float16")  # what may travel, either way
 
 
 @dataclass
@@ -227,24 +146,48 @@ class FlowerTuneMixin:
     FedAvg would otherwise average in fp16).
     """
 
-    def setup_tracking(
-        self, round_offset: int = 0, communication_mb: float = 0.0, transport_dtype: str = "float32"
+    def __init__(
+        self, *, round_offset: int = 0, communication_mb: float = 0.0, transport_dtype: str = "float32",
+        **flower_options: Any,
     ) -> None:
+        """`round_offset`: the rounds a resumed run already trained, `communication_mb` what they cost;
+        `flower_options` go to the Flower strategy behind the mixin."""
         if transport_dtype not in FLOAT_DTYPES:
             raise ConfigError(
                 f"run config 'train.transport-dtype' = {transport_dtype!r} is not allowed; "
                 f"allowed: {', '.join(FLOAT_DTYPES)}"
             )
+        super().__init__(**flower_options)
         self.round_offset = round_offset
         self.communication_mb = communication_mb
         self.transport_dtype = transport_dtype
         self.rounds: dict[int, RoundStats] = {}
         self._sent: ArrayRecord | None = None
 
+    def run_round(self, flower_round: int) -> int:
+        """The run's number of Flower's round `flower_round` (Flower counts from 1 at every start)."""
+        return flower_round + self.round_offset
+
+    def run_rounds(
+        self, grid: Grid, initial_arrays: ArrayRecord, train_config: ConfigRecord, last_round: int,
+        after_round: Callable[[int, ArrayRecord], MetricRecord | None],
+    ) -> Result:
+        """Flower's `start` for the run's rounds after `round_offset` up to `last_round`.
+
+        `after_round(run_round, arrays)` is Flower's `evaluate_fn`, called with the run's round
+        numbers: once before the first round (with `round_offset`), then after every round.
+        """
+        return self.start(
+            grid=grid, initial_arrays=initial_arrays, train_config=train_config,
+            num_rounds=last_round - self.round_offset,
+            evaluate_fn=lambda flower_round, arrays: after_round(self.run_round(flower_round), arrays),
+        )
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        server_round += self.round_offset
+        """Flower's sampling under the run's round number; the adapter cast for the wire, the bytes counted."""
+        server_round = self.run_round(server_round)
         stats = RoundStats(round=server_round, started=time.time())
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = arrays
@@ -262,9 +205,26 @@ class FlowerTuneMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
+        """Flower's aggregation of the valid replies only, in fp32; (None, None) keeps the adapter."""
+        server_round = self.run_round(server_round)
         stats = self.rounds[server_round]
         replies = list(replies)
+        valid = self.screen_replies(server_round, replies)
+        self.count_communication(stats)
+        if not valid:
+            log(WARNING, "Round %s skipped: no valid reply; the global adapter is unchanged", server_round)
+            return None, None
+        for reply in valid:  # average in fp32 whatever the wire carried
+            reply.content[self.arrayrecord_key] = with_dtype(reply.content[self.arrayrecord_key], "float32")
+        stats.client_metrics = [dict(next(iter(r.content.metric_records.values()))) for r in valid]
+        arrays, metrics = super().aggregate_train(server_round, valid + [r for r in replies if r.has_error()])
+        stats.train_metrics = metrics
+        # FedAdam and FedAvgM return float64; keep the global adapter (and the wire) in fp32
+        return (with_dtype(arrays, "float32") if arrays is not None else None), metrics
+
+    def screen_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies Flower may average; every other one is counted in the round's stats with its problem."""
+        stats = self.rounds[server_round]
         valid = []
         for reply in replies:
             if reply.has_error():
@@ -287,12 +247,16 @@ class FlowerTuneMixin:
             stats.problems["reply rejected: its metric names differ from the other replies'"] += 1
             log(WARNING, "Round %s: rejected the reply of node %s: its metric names differ from the other replies'",
                 server_round, reply.metadata.src_node_id)
+        return valid
+
+    def count_communication(self, stats: RoundStats) -> None:
+        """Add the round's traffic to the run's total, log it, and warn once the total is over budget."""
         self.communication_mb += stats.mb_sent + stats.mb_received
         stats.cumulative_mb = self.communication_mb
         log(
             INFO,
             "Round %s: %s sampled, %s replied, %s failed, %s rejected; communication %.2f MB this round, %.2f MB total",
-            server_round, stats.sampled, stats.replied, stats.failed, stats.rejected,
+            stats.round, stats.sampled, stats.replied, stats.failed, stats.rejected,
             stats.mb_sent + stats.mb_received, self.communication_mb,
         )
         if self.communication_mb > COMMUNICATION_BUDGET_MB:
@@ -301,16 +265,6 @@ class FlowerTuneMixin:
                 "Communication so far (%.0f MB) exceeds the leaderboard budget of %.0f MB",
                 self.communication_mb, COMMUNICATION_BUDGET_MB,
             )
-        if not valid:
-            log(WARNING, "Round %s skipped: no valid reply; the global adapter is unchanged", server_round)
-            return None, None
-        for reply in valid:  # average in fp32 whatever the wire carried
-            reply.content[self.arrayrecord_key] = with_dtype(reply.content[self.arrayrecord_key], "float32")
-        stats.client_metrics = [dict(next(iter(r.content.metric_records.values()))) for r in valid]
-        arrays, metrics = super().aggregate_train(server_round, valid + [r for r in replies if r.has_error()])
-        stats.train_metrics = metrics
-        # FedAdam and FedAvgM return float64; keep the global adapter (and the wire) in fp32
-        return (with_dtype(arrays, "float32") if arrays is not None else None), metrics
 
 
 @functools.cache
@@ -332,11 +286,8 @@ def build_strategy(
         raise ConfigError(
             f"run config 'strategy.name' = {config.name!r} is not allowed; allowed: {', '.join(STRATEGIES)}")
     entry = STRATEGIES[config.name]
-    flower_class = getattr(flwr.serverapp.strategy, entry.flower_class)
-    strategy = tracked(flower_class)(
+    return tracked(getattr(flwr.serverapp.strategy, entry.flower_class))(
+        round_offset=round_offset, communication_mb=communication_mb, transport_dtype=transport_dtype,
         fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=MIN_TRAIN_NODES, **entry.options(config),
+        min_train_nodes=MIN_TRAIN_NODES, weighted_by_key=ReplyMetric.NUM_EXAMPLES, **entry.options(config),
     )
-    strategy.setup_tracking(
-        round_offset=round_offset, communication_mb=communication_mb, transport_dtype=transport_dtype)
-    return strategy

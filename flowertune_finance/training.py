@@ -1,33 +1,33 @@
 """One client's round of local training: the cached model and data, TRL's SFTTrainer, the reply.
 
-Everything a worker process keeps between client calls lives here (the tokenizer, each
-partition's tokenized examples; the model cache is in `models`), so `client_app` stays a
-thin Flower handler and tests and benchmarks can call `train_adapter` in-process.
+`train_adapter` reads top to bottom as the round's steps: the received adapter (with FFA-LoRA's
+frozen A derived here), the worker's model, the partition's tokenized examples, the trainer's
+run, the reply. What a worker keeps between client calls (model, tokenizer, tokenized
+partitions) is in `worker_cache.WORKER_CACHE`, so `client_app` stays a thin Flower handler and
+tests and benchmarks can call `train_adapter` in-process.
 """
 
 from __future__ import annotations
 
-import gc
 import tempfile
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from peft import PeftModel
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from flowertune_finance import models
+from flowertune_finance import adapters, models
 from flowertune_finance.config import AppConfig
 from flowertune_finance.dataset import DataError, load_partition, load_tokenizer, tokenize_partition
+from flowertune_finance.metrics import ReplyMetric
 from flowertune_finance.prompts import PROMPT_FORMATS
 from flowertune_finance.training_arguments import sft_arguments
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-# Per-worker caches of what is expensive and invariant across client calls: the tokenizer
-# per model, and each partition's trainer-ready examples.
-_TOKENIZERS: dict[str, Any] = {}
-_TOKENIZED: dict[tuple, Any] = {}
 
 
 def with_labels(examples, seq_length: int):
@@ -44,27 +44,31 @@ def with_labels(examples, seq_length: int):
     return examples.map(labels, remove_columns=["completion_mask"])
 
 
+def trainer_examples(config: AppConfig, partition_id: int, num_partitions: int, tokenizer):
+    """The partition as `input_ids` + `labels`, without the examples whose label
+    `train.seq-length` cuts off (they would train nothing)."""
+    partition = load_partition(partition_id, num_partitions, config.dataset_name, config.dataset_path)
+    tokenized = tokenize_partition(partition, tokenizer, config.train.prompt_format, config.train.seq_length)
+    examples = with_labels(tokenized, config.train.seq_length)
+    keep = [i for i, labels in enumerate(examples["labels"]) if any(label != -100 for label in labels)]
+    if not keep:
+        full = PROMPT_FORMATS[config.train.prompt_format].tokenize(tokenizer, partition[0], 10**9)["input_ids"]
+        raise DataError(
+            f"no example keeps a label token within train.seq-length = {config.train.seq_length}; "
+            f"examples here are ~{len(full)} tokens long with their label: raise train.seq-length"
+        )
+    return examples.select(keep) if len(keep) < len(examples) else examples
+
+
 def tokenized_partition(config: AppConfig, partition_id: int, num_partitions: int):
-    """The node's partition as `input_ids` + `labels`, tokenized once per worker, without the
-    examples whose label `train.seq-length` cuts off (they would train nothing)."""
-    if config.model.name not in _TOKENIZERS:
-        _TOKENIZERS[config.model.name] = load_tokenizer(config.model.name)
-    tokenizer = _TOKENIZERS[config.model.name]
-    key = (config.model.name, config.dataset_name, config.dataset_path, partition_id, num_partitions,
-           config.train.prompt_format, config.train.seq_length)
-    if key not in _TOKENIZED:
-        partition = load_partition(partition_id, num_partitions, config.dataset_name, config.dataset_path)
-        tokenized = tokenize_partition(partition, tokenizer, config.train.prompt_format, config.train.seq_length)
-        examples = with_labels(tokenized, config.train.seq_length)
-        keep = [i for i, labels in enumerate(examples["labels"]) if any(label != -100 for label in labels)]
-        if not keep:
-            full = PROMPT_FORMATS[config.train.prompt_format].tokenize(tokenizer, partition[0], 10**9)["input_ids"]
-            raise DataError(
-                f"no example keeps a label token within train.seq-length = {config.train.seq_length}; "
-                f"examples here are ~{len(full)} tokens long with their label: raise train.seq-length"
-            )
-        _TOKENIZED[key] = examples.select(keep) if len(keep) < len(examples) else examples
-    return _TOKENIZED[key], tokenizer
+    """The node's trainer-ready examples and the tokenizer, both built once per worker."""
+    tokenizer = WORKER_CACHE.tokenizer(config.model.name, load_tokenizer)
+    source = (config.model.name, config.dataset_name, config.dataset_path, num_partitions,
+              config.train.prompt_format, config.train.seq_length)
+    examples = WORKER_CACHE.tokenized_partition(
+        source, partition_id, lambda: trainer_examples(config, partition_id, num_partitions, tokenizer)
+    )
+    return examples, tokenizer
 
 
 def sft_config(config: AppConfig, learning_rate: float, output_dir: str, server_round: int):
@@ -72,6 +76,65 @@ def sft_config(config: AppConfig, learning_rate: float, output_dir: str, server_
     from trl import SFTConfig
 
     return SFTConfig(**sft_arguments(config.train, learning_rate, output_dir, models.use_cuda(), server_round))
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the wall time of the block as `timings[key]` (when it completes)."""
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
+
+
+def with_frozen_a(
+    config: AppConfig, adapter: dict[str, torch.Tensor], frozen_a_sha256: str | None
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """The adapter to train and whether A is frozen. With `model.lora.freeze-a` the server sends B
+    only: A is derived here from the shared seed and checked against the server's checksum,
+    before any base model loads."""
+    if not config.model.lora_freeze_a:
+        return adapter, False
+    frozen_a = adapters.frozen_lora_a(config.model)
+    adapters.check_frozen_a(frozen_a, frozen_a_sha256)
+    sent_a = sorted(set(adapter) & set(frozen_a))
+    if sent_a:
+        raise adapters.FrozenAdapterMismatch(
+            f"model.lora.freeze-a is true but the server sent A matrices (e.g. {sent_a[0]}); "
+            "the server and this node disagree on model.lora.freeze-a"
+        )
+    return {**frozen_a, **adapter}, True
+
+
+def worker_model(config: AppConfig) -> PeftModel:
+    """The worker's cached model, or a fresh build with `train.cache-base-model = false`."""
+    if config.train.cache_base_model:
+        return models.cached_peft_model(config.model)
+    return models.build_peft_model(config.model)
+
+
+def fit(config: AppConfig, model: PeftModel, adapter: dict[str, torch.Tensor], examples, tokenizer,
+        learning_rate: float, server_round: int, proximal_mu: float, freeze_a: bool, timings: dict[str, float]):
+    """Load `adapter` into the model and train it for the round; returns TRL's result and the
+    number of non-padding tokens trained on. Adds the setup, train and steps timings."""
+    from flowertune_finance.proximal import ProximalSFTTrainer
+
+    with tempfile.TemporaryDirectory(prefix="flowertune-") as output_dir, models.trainer_call(model):
+        with timed(timings, ReplyMetric.time("setup")):
+            step_timer = StepTimer()
+            trainer = ProximalSFTTrainer(
+                model=model, args=sft_config(config, learning_rate, output_dir, server_round),
+                train_dataset=examples, processing_class=tokenizer, proximal_mu=proximal_mu, callbacks=[step_timer],
+            )
+            trainer.remove_callback(PrinterCallback)  # per-step dicts: the round's loss reaches the server's log
+            # after TRL's bf16 cast of the LoRA weights: back to fp32, then the global adapter unrounded
+            models.keep_adapter_fp32(model)
+            if freeze_a:
+                models.freeze_lora_a(model)  # before the optimizer exists (it is built in train())
+            adapters.set_adapter_state(model, adapter)
+        with timed(timings, ReplyMetric.time("train")):
+            result = trainer.train()
+        timings[ReplyMetric.time("steps")] = step_timer.seconds  # the optimizer steps within time-train
+    return result, int(getattr(trainer, "_total_train_tokens", 0))  # TRL's count of non-padding tokens
 
 
 def train_adapter(
@@ -92,72 +155,35 @@ def train_adapter(
     checked against the server's `frozen_a_sha256` before the base model loads, and left out
     of the reply.
     """
-    from flowertune_finance.proximal import ProximalSFTTrainer
-
-    timings = {}
+    timings: dict[str, float] = {}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    loads_before = models.BASE_MODEL_LOADS
-    frozen_a = None
-    if config.model.lora_freeze_a:
-        frozen_a = models.frozen_lora_a(config.model)
-        models.check_frozen_a(frozen_a, frozen_a_sha256)
-        sent_a = sorted(set(adapter) & set(frozen_a))
-        if sent_a:
-            raise models.FrozenAdapterMismatch(
-                f"model.lora.freeze-a is true but the server sent A matrices (e.g. {sent_a[0]}); "
-                "the server and this node disagree on model.lora.freeze-a"
-            )
-        adapter = {**frozen_a, **adapter}
-    if config.train.cache_base_model:
-        model = models.cached_peft_model(config.model)
-    else:
-        model = models.build_peft_model(config.model)
-    timings["time-model"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    examples, tokenizer = tokenized_partition(config, partition_id, num_partitions)
-    timings["time-data"] = time.perf_counter() - start
-
+    loads_before = WORKER_CACHE.base_model_loads
+    with timed(timings, ReplyMetric.time("model")):
+        adapter, freeze_a = with_frozen_a(config, adapter, frozen_a_sha256)
+        model = worker_model(config)
+    with timed(timings, ReplyMetric.time("data")):
+        examples, tokenizer = tokenized_partition(config, partition_id, num_partitions)
     learning_rate = models.cosine_annealing(
         server_round, config.num_server_rounds, config.train.learning_rate_max, config.train.learning_rate_min
     )
-    with tempfile.TemporaryDirectory(prefix="flowertune-") as output_dir, models.trainer_call(model):
-        start = time.perf_counter()
-        step_timer = StepTimer()
-        trainer = ProximalSFTTrainer(
-            model=model, args=sft_config(config, learning_rate, output_dir, server_round), train_dataset=examples,
-            processing_class=tokenizer, proximal_mu=proximal_mu, callbacks=[step_timer],
-        )
-        trainer.remove_callback(PrinterCallback)  # per-step dicts: the round's loss reaches the server's log
-        # after TRL's bf16 cast of the LoRA weights: back to fp32, then the global adapter unrounded
-        models.keep_adapter_fp32(model)
-        if frozen_a is not None:
-            models.freeze_lora_a(model)  # before the optimizer exists (it is built in train())
-        models.set_adapter_state(model, adapter)
-        timings["time-setup"] = time.perf_counter() - start
-        start = time.perf_counter()
-        result = trainer.train()
-        timings["time-train"] = time.perf_counter() - start
-        timings["time-steps"] = step_timer.seconds  # the optimizer steps within time-train
-
-    start = time.perf_counter()
-    new_adapter = models.get_adapter_state(model, TRANSPORT_DTYPES[config.train.transport_dtype])
-    if frozen_a is not None:  # A never changed and never travels
-        new_adapter = models.split_frozen(new_adapter)[1]
-    timings["time-serialize"] = time.perf_counter() - start
-    metrics = {
-        "train_loss": float(result.training_loss),
-        "num-examples": len(examples),
-        "learning-rate": learning_rate,
-        "train-steps": int(result.global_step),
-        "train-tokens": int(getattr(trainer, "_total_train_tokens", 0)),  # TRL's count of non-padding tokens
-        "base-model-loads": models.BASE_MODEL_LOADS - loads_before,
+    result, train_tokens = fit(config, model, adapter, examples, tokenizer, learning_rate, server_round,
+                               proximal_mu, freeze_a, timings)
+    with timed(timings, ReplyMetric.time("serialize")):
+        new_adapter = adapters.get_adapter_state(model, TRANSPORT_DTYPES[config.train.transport_dtype])
+        if freeze_a:  # A never changed and never travels
+            new_adapter = adapters.split_frozen(new_adapter)[1]
+    metrics: dict[str, float] = {
+        ReplyMetric.TRAIN_LOSS: float(result.training_loss),
+        ReplyMetric.NUM_EXAMPLES: len(examples),
+        ReplyMetric.LEARNING_RATE: learning_rate,
+        ReplyMetric.TRAIN_STEPS: int(result.global_step),
+        ReplyMetric.TRAIN_TOKENS: train_tokens,
+        ReplyMetric.BASE_MODEL_LOADS: WORKER_CACHE.base_model_loads - loads_before,
         **timings,
     }
     if torch.cuda.is_available():  # every client of a run reports the same keys (FedAvg refuses to mix them)
-        metrics["peak-vram-mb"] = torch.cuda.max_memory_allocated() / 2**20
+        metrics[ReplyMetric.PEAK_VRAM_MB] = torch.cuda.max_memory_allocated() / 2**20
     return new_adapter, metrics
 
 
@@ -183,22 +209,3 @@ def silence_progress_bars() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-
-
-_WORKER_FROZEN = False
-
-
-def freeze_long_lived_objects() -> None:
-    """After a worker's first client call, take what lives as long as the worker (imported
-    modules, cached model and data) out of the garbage collector's view with `gc.freeze()`.
-
-    Every `Trainer.train()` runs a full `gc.collect()` (accelerate's `free_memory`), which
-    otherwise walks ~0.5 M objects of torch/transformers/flwr in each call: about 0.3 s on a
-    2-core CPU, more than two tiny training steps. Done once, after collecting the first
-    call's garbage, since frozen objects are never collected.
-    """
-    global _WORKER_FROZEN
-    if not _WORKER_FROZEN:
-        gc.collect()
-        gc.freeze()
-        _WORKER_FROZEN = True

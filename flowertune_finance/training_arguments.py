@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flowertune_finance.config import TRAINING_ARGUMENTS_PREFIX, ConfigError, TrainConfig
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 # Set by the app each round; a value in the run config is ignored (upstream's template ships
 # `output-dir = ""` and `learning-rate = ""` for this reason).
@@ -89,18 +90,17 @@ def sft_arguments(train: TrainConfig, learning_rate: float, output_dir: str, cud
     return arguments
 
 
-# Argument sets SFTConfig already accepted in this process: clients parse the run config on every
-# call, and building an SFTConfig each time would cost more than the check is worth.
-_ACCEPTED: set[tuple] = set()
-
-
 def check_training_arguments(train: TrainConfig) -> None:
-    """Build the run's `trl.SFTConfig` once, naming the culprit key when it is refused."""
-    from trl import SFTConfig
-
+    """Build the run's `trl.SFTConfig`, naming the culprit key when it is refused. Once per process
+    and argument set (`WORKER_CACHE`): clients parse the run config on every call, and building an
+    SFTConfig each time would cost more than the check is worth."""
     key = (tuple(sorted((k, repr(v)) for k, v in train.training_arguments.items())), train.seq_length)
-    if key in _ACCEPTED:
-        return
+    WORKER_CACHE.check_training_arguments_once(key, lambda: _build_or_name_culprit(train))
+
+
+def _build_or_name_culprit(train: TrainConfig) -> None:
+    """Build the SFTConfig; when refused, build each argument alone to name the culprits."""
+    from trl import SFTConfig
 
     def build(arguments: Mapping[str, Any]) -> None:
         candidate = dataclasses.replace(train, training_arguments=dict(arguments))
@@ -118,4 +118,3 @@ def check_training_arguments(train: TrainConfig) -> None:
                 culprits.append(f"'{_key(name)}' = {value!r}")
         where = ", ".join(culprits) or f"the combination of {TRAINING_ARGUMENTS_PREFIX}*"
         raise ConfigError(f"run config {where} is not accepted by trl.SFTConfig: {error}") from error
-    _ACCEPTED.add(key)

@@ -15,10 +15,28 @@ from typing import Any
 import pytest
 
 from flowertune_finance.dev import launch
-from flowertune_finance.dev.launch import kill_processes_with_env, private_flwr_env
+from flowertune_finance.dev.processes import kill_processes_with_env, private_flwr_env
 from flowertune_finance.dev.tiny import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Tests that share an expensive fixture run on one worker when the suite runs in parallel
+# (pytest-xdist, `--dist loadgroup`), so the fixture is built once; the rest spread out.
+SHARED_FIXTURE_GROUPS = {
+    "smoke_run": "smoke-run",
+    "quantized_fp16_run": "quantized-fp16-run",
+    "deployment": "deployment",
+    "checkouts": "checkouts",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        groups = {group for name, group in SHARED_FIXTURE_GROUPS.items() if name in getattr(item, "fixturenames", ())}
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses fixtures of several worker groups: {sorted(groups)}")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
 
 
 @pytest.fixture(scope="session")

@@ -22,12 +22,13 @@ import torch
 from conftest import smoke_config
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from flowertune_finance import client_app, models
+from flowertune_finance import client_app
 from flowertune_finance.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_STATE, CheckpointError
 from flowertune_finance.config import ConfigError
 from flowertune_finance.dataset import DataError
 from flowertune_finance.server_app import RoundRecorder, start_run
 from flowertune_finance.strategy import build_strategy
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 REFUSALS = (ConfigError, DataError, CheckpointError)
 ROUNDS = 4
@@ -239,7 +240,7 @@ def test_resume_of_a_completed_run_is_refused(saved, tiny_model, tmp_path):
 
 def test_client_refuses_a_missing_model_folder_before_loading_anything(saved):
     run_config, _, _ = saved
-    loads = models.BASE_MODEL_LOADS
+    loads = WORKER_CACHE.base_model_loads
     message = Message(
         content=RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}), "config": ConfigRecord({"server-round": 1})}),
         metadata=Metadata(run_id=1, message_id="1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
@@ -249,7 +250,7 @@ def test_client_refuses_a_missing_model_folder_before_loading_anything(saved):
                       run_config={**run_config, "model.name": "/no/such/model"})
     with pytest.raises(ConfigError, match=r"'model\.name' = '/no/such/model': no such local model folder"):
         client_app.train(message, context)
-    assert models.BASE_MODEL_LOADS == loads
+    assert WORKER_CACHE.base_model_loads == loads
 
 
 def test_non_utf8_data_file_names_the_file_and_line(saved, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
 from flowertune_finance.cli import main
-from flowertune_finance.dev import launch
+from flowertune_finance.tools.run_config_check import check_run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,6 @@ def test_a_run_config_file(capsys, tmp_path):
 def test_the_checked_config_is_what_the_serverapp_would_receive():
     """check-config merges with Flower's own functions: its result equals the runtime's fused config."""
     overrides = ["num-server-rounds=9 train.seq-length=256 dataset.path='/data/x.jsonl'"]
-    checked = launch.check_run_config(REPO_ROOT, overrides)
+    checked = check_run_config(REPO_ROOT, overrides)
     assert checked.run_config == get_fused_config_from_dir(REPO_ROOT, parse_config_args(overrides))
     assert checked.config.num_server_rounds == 9 and checked.config.train.seq_length == 256

@@ -25,7 +25,7 @@ from flowertune_finance.dataset import DataError, load_partition
 from flowertune_finance.dev import launch, synthetic
 from flowertune_finance.dev.credentials import generate_node_keys
 from flowertune_finance.dev.deployment import CONNECTION, MARKER, LocalDeployment
-from flowertune_finance.dev.launch import processes_with_env
+from flowertune_finance.dev.processes import processes_with_env
 from flowertune_finance.metrics import read_metrics
 from flowertune_finance.node_data import NodeData, node_data
 

@@ -31,7 +31,7 @@ from flowertune_finance.dev import synthetic
 from flowertune_finance.dev.tiny import build_tiny_model
 from flowertune_finance.generation import EvalError, check_adapter, load_model
 from flowertune_finance.leaderboard import fiqa_label, parse_label
-from flowertune_finance.metrics import read_metrics
+from flowertune_finance.metrics import ReplyMetric, read_metrics
 from flowertune_finance.prompts import format_prompt
 from flowertune_finance.scoring import answer_text, generate_answers, load_eval_set
 from flowertune_finance.server_app import RoundRecorder, start_run
@@ -488,7 +488,7 @@ def test_server_side_fast_eval_adds_eval_metrics_to_the_round_record(tiny_model,
     recorder = RoundRecorder(config, run, strategy, evaluator)
     for server_round in (1, 2):
         strategy.rounds[server_round] = RoundStats(round=server_round, started=time.time(), sampled=5, replied=5,
-                                                   train_metrics=MetricRecord({"train_loss": 1.0}))
+                                                   train_metrics=MetricRecord({ReplyMetric.TRAIN_LOSS: 1.0}))
         recorder(server_round, ArrayRecord(run.adapter))
     first, second = read_metrics(run.run_dir)
     assert not any(key.startswith("eval_") for key in first)

@@ -7,7 +7,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-from flowertune_finance.dev.launch import flwr_env, flwr_executable
+from flowertune_finance.dev.processes import flwr_env, flwr_executable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flowertune_finance.checkpoint import load_adapter
 from flowertune_finance.config import StrategyConfig
 from flowertune_finance.dev import launch
-from flowertune_finance.metrics import read_metrics
+from flowertune_finance.metrics import ReplyMetric, read_metrics
 from flowertune_finance.strategy import RoundStats, build_strategy, content_problem
 
 NUM_SUPERNODES = 5
@@ -84,7 +84,7 @@ def reply(arrays: dict, metrics: dict, node_id: int = 7, extra_arrays: dict | No
 
 
 GLOBAL = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
-GOOD_METRICS = {"num-examples": 10, "train_loss": 1.0}
+GOOD_METRICS = {ReplyMetric.NUM_EXAMPLES: 10, ReplyMetric.TRAIN_LOSS: 1.0}
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ GOOD_METRICS = {"num-examples": 10, "train_loss": 1.0}
         ({**GLOBAL, "a.lora_A.weight": torch.ones(3, 2)}, GOOD_METRICS, None, "has shape (3, 2), expected (2, 3)"),
         ({**GLOBAL, "a.lora_A.weight": torch.ones(2, 3, dtype=torch.int64)}, GOOD_METRICS, None, "has dtype int64"),
         ({**GLOBAL, "a.lora_B.weight": torch.full((3, 2), float("inf"))}, GOOD_METRICS, None, "non-finite"),
-        (GLOBAL, {"train_loss": 1.0}, None, "metric 'num-examples' is None"),
+        (GLOBAL, {ReplyMetric.TRAIN_LOSS: 1.0}, None, "metric 'num-examples' is None"),
         (GLOBAL, {"num-examples": 0}, None, "metric 'num-examples' is 0"),
         (GLOBAL, GOOD_METRICS, {"x": torch.ones(1)}, "expected one ArrayRecord 'arrays'"),
     ],

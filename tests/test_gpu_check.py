@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowertune_finance.dev.launch import processes_with_env
+from flowertune_finance.dev.processes import processes_with_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"

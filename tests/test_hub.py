@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flowertune_finance.cli import main
-from flowertune_finance.dev import launch
+from flowertune_finance.dev import launch, processes
 from flowertune_finance.tools import hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def _break_name(app: Path) -> None:
 
 
 def _break_file_too_large(app: Path) -> None:
-    (app / "flowertune_finance" / "data" / "big.jsonl").write_text('{"x": 1}\n' * 120_000)  # ~1.08 MB
+    (app / "flowertune_finance" / "dev" / "data" / "big.jsonl").write_text('{"x": 1}\n' * 120_000)  # ~1.08 MB
 
 
 def _break_not_utf8(app: Path) -> None:
@@ -129,7 +129,7 @@ def test_published_files_alone_run_the_smoke(tiny_model, tmp_path, monkeypatch):
         config = launch.smoke_run_config(app, tiny_model, rounds=1)
         config["dataset.path"] = str(app / SAMPLE_DATA)  # the unpacked copy, not the repository's
         monkeypatch.chdir(app)  # `flwr run .` from the unpacked folder
-        with launch.isolated_flwr() as env:
+        with processes.isolated_flwr() as env:
             env["PYTHONPATH"] = ""  # nothing from the repository on the import path
             result = launch.run_app(".", config, num_supernodes=4, env=env, timeout=600)
         assert result.status == "finished:completed"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance.dev import launch, proof, synthetic
+from flowertune_finance.dev import proof, synthetic
+from flowertune_finance.dev.processes import isolated_flwr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -35,7 +36,7 @@ def test_federated_lora_learns_the_heldout_task(tmp_path):
     config = proof.proof_run_config(base, train_file, tmp_path / "runs", size.rounds, "answer", "fedavg")
     # Its own SuperLink, so the workers run with one torch thread: on a busy 2-core machine two
     # threads thrash (measured 45 s vs 8 s per round); for this tiny model one is as fast.
-    with launch.isolated_flwr() as env:
+    with isolated_flwr() as env:
         _, checkpoint = proof.train_federated(REPO_ROOT, config, {**env, "OMP_NUM_THREADS": "1"}, timeout=900)
     after = proof.score_heldout(base, checkpoint, eval_dir, tmp_path / "scores", "after")
     samples = proof.sample_generations(base, checkpoint, eval_dir)

@@ -9,11 +9,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from flowertune_finance import models
+from flowertune_finance import adapters, models
 from flowertune_finance.checkpoint import CheckpointError, load_adapter, read_checkpoint, save_checkpoint
 from flowertune_finance.config import AppConfig, ModelConfig, parse_run_config
 from flowertune_finance.dev.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
 from flowertune_finance.dev.tiny import build_tiny_model
+from flowertune_finance.metrics import ReplyMetric
 from flowertune_finance.training import train_adapter
 from flowertune_finance.training_arguments import sft_arguments
 
@@ -30,27 +31,27 @@ def test_cosine_schedule_runs_from_max_to_min_over_the_rounds():
 @pytest.mark.parametrize("quantization", [0, 4])
 def test_model_free_adapter_matches_the_trained_models_adapter(tiny_model, quantization):
     config = ModelConfig(name=str(tiny_model), quantization=quantization)
-    adapter, lora = models.initial_adapter(config)
-    trained = models.get_adapter_state(models.build_peft_model(config))
+    adapter, lora = adapters.initial_adapter(config)
+    trained = adapters.get_adapter_state(models.build_peft_model(config))
     assert list(adapter) == list(trained)
     assert all(adapter[k].shape == trained[k].shape and adapter[k].dtype == torch.float32 for k in adapter)
     assert all(adapter[k].abs().sum() == 0 for k in adapter if "lora_B" in k)  # PEFT's init: B = 0
     assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_A" in k)
     assert sorted(lora.target_modules) == ["q_proj", "v_proj"] and lora.r == 32 and lora.lora_alpha == 64
-    again, _ = models.initial_adapter(config)
+    again, _ = adapters.initial_adapter(config)
     assert all(torch.equal(adapter[k], again[k]) for k in adapter)  # deterministic
 
 
 def test_checkpoint_round_trip_loads_with_peft_and_equals_the_arrays(tiny_model, tmp_path):
     config = ModelConfig(name=str(tiny_model), quantization=0)
-    adapter, lora = models.initial_adapter(config)
+    adapter, lora = adapters.initial_adapter(config)
     adapter = {k: v + 0.01 * torch.randn_like(v) for k, v in adapter.items()}
     path = save_checkpoint(tmp_path, 5, adapter, lora, {"communication_mb": 1.0})
     assert read_checkpoint(path).round == 5
     saved = load_adapter(path)
     assert all(torch.equal(saved[k], adapter[k]) for k in adapter)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), path)
-    loaded = models.get_adapter_state(model)
+    loaded = adapters.get_adapter_state(model)
     assert all(torch.equal(loaded[k], adapter[k]) for k in adapter)
     with pytest.raises(CheckpointError, match="already exists; refusing to overwrite"):
         save_checkpoint(tmp_path, 5, adapter, lora, {})
@@ -68,9 +69,9 @@ def _smoke_app_config(model_dir) -> AppConfig:
 def test_any_local_causal_lm_folder_trains(tmp_path, architecture):
     model_dir = build_tiny_model(tmp_path / architecture, architecture=architecture)
     config = _smoke_app_config(model_dir)
-    adapter, _ = models.initial_adapter(config.model)
+    adapter, _ = adapters.initial_adapter(config.model)
     new_adapter, metrics = train_adapter(config, adapter, partition_id=3, num_partitions=50, server_round=1)
-    assert math.isfinite(metrics["train_loss"]) and metrics["num-examples"] == 50
+    assert math.isfinite(metrics[ReplyMetric.TRAIN_LOSS]) and metrics["num-examples"] == 50
     assert set(new_adapter) == set(adapter)
     assert any(not torch.equal(new_adapter[k], adapter[k]) for k in adapter)
 

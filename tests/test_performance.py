@@ -17,13 +17,15 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from flowertune_finance import models, training
+from flowertune_finance import adapters, models, training
 from flowertune_finance.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_checkpoint
+from flowertune_finance.communication import MB
 from flowertune_finance.config import StrategyConfig, parse_run_config
 from flowertune_finance.dataset import load_partition, tokenize_partition
 from flowertune_finance.dev.launch import SAMPLE_DATA, SMOKE_RUN_CONFIG
-from flowertune_finance.metrics import read_metrics
-from flowertune_finance.strategy import MB, build_strategy, with_dtype
+from flowertune_finance.metrics import ReplyMetric, read_metrics
+from flowertune_finance.strategy import build_strategy, with_dtype
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 # (partition, round, seed of the received adapter): different data, weights and learning rates
 CALLS = [(0, 1, 1), (17, 2, 2), (42, 3, 3)]
@@ -38,16 +40,14 @@ def _config(tiny_model, quantization: int, **overrides):
 
 def _received_adapter(config, seed: int) -> dict[str, torch.Tensor]:
     """A global adapter as a client would receive it mid-run (B no longer zero)."""
-    adapter, _ = models.initial_adapter(config.model, seed=seed)
+    adapter, _ = adapters.initial_adapter(config.model, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return {k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in adapter.items()}
 
 
-def _fresh_worker(monkeypatch) -> None:
+def _fresh_worker() -> None:
     """Forget every per-worker cache, as a new worker process would start."""
-    models.clear_model_cache()
-    monkeypatch.setattr(training, "_TOKENIZERS", {})
-    monkeypatch.setattr(training, "_TOKENIZED", {})
+    WORKER_CACHE.clear()
 
 
 def _hooks(model) -> dict[str, int]:
@@ -55,17 +55,17 @@ def _hooks(model) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("quantization", [0, 4])
-def test_cached_model_replies_like_fresh_builds_and_keeps_no_state(tiny_model, monkeypatch, quantization):
+def test_cached_model_replies_like_fresh_builds_and_keeps_no_state(tiny_model, quantization):
     config = _config(tiny_model, quantization)
-    _fresh_worker(monkeypatch)
+    _fresh_worker()
     fresh = []
     for partition, server_round, seed in CALLS:
-        _fresh_worker(monkeypatch)
+        _fresh_worker()
         fresh.append(training.train_adapter(config, _received_adapter(config, seed), partition, 50, server_round))
     assert [metrics["base-model-loads"] for _, metrics in fresh] == [1, 1, 1]
 
-    _fresh_worker(monkeypatch)
-    loads_before = models.BASE_MODEL_LOADS
+    _fresh_worker()
+    loads_before = WORKER_CACHE.base_model_loads
     model = models.cached_peft_model(config.model)
     built = {"hooks": _hooks(model), "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
              "checkpointing": model.is_gradient_checkpointing}
@@ -78,20 +78,20 @@ def test_cached_model_replies_like_fresh_builds_and_keeps_no_state(tiny_model, m
         assert all(p.grad is None for p in model.parameters())
         assert [n for n, p in model.named_parameters() if p.requires_grad] == built["trainable"]
         assert model.is_gradient_checkpointing == built["checkpointing"] is True
-    assert models.BASE_MODEL_LOADS - loads_before == 1
+    assert WORKER_CACHE.base_model_loads - loads_before == 1
     assert [metrics["base-model-loads"] for _, metrics in cached] == [0, 0, 0]  # built before the first call
 
     for (fresh_adapter, fresh_metrics), (cached_adapter, cached_metrics) in zip(fresh, cached):
         assert list(cached_adapter) == list(fresh_adapter)
         for key in fresh_adapter:
             torch.testing.assert_close(cached_adapter[key], fresh_adapter[key], rtol=1e-6, atol=1e-7)
-        assert cached_metrics["train_loss"] == pytest.approx(fresh_metrics["train_loss"], rel=1e-6)
+        assert cached_metrics[ReplyMetric.TRAIN_LOSS] == pytest.approx(fresh_metrics[ReplyMetric.TRAIN_LOSS], rel=1e-6)
     # the calls really differ (else equality would prove nothing)
-    assert len({round(metrics["train_loss"], 6) for _, metrics in cached}) == 3
+    assert len({round(metrics[ReplyMetric.TRAIN_LOSS], 6) for _, metrics in cached}) == 3
 
 
-def test_cache_off_rebuilds_every_call_with_the_same_result(tiny_model, monkeypatch):
-    _fresh_worker(monkeypatch)
+def test_cache_off_rebuilds_every_call_with_the_same_result(tiny_model):
+    _fresh_worker()
     on = _config(tiny_model, 0)
     off = _config(tiny_model, 0, **{"train.cache-base-model": False})
     adapter = _received_adapter(on, seed=5)
@@ -126,20 +126,20 @@ def test_server_side_never_loads_base_weights(tiny_model, tmp_path, monkeypatch)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(models, "load_base_model", refuse)
     config = _config(tiny_model, 4, **{"output.dir": str(tmp_path)})
-    loads_before = models.BASE_MODEL_LOADS
+    loads_before = WORKER_CACHE.base_model_loads
     run = server_app.prepare_run(config, {})
     assert run.adapter and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in run.adapter.values())
     path = save_checkpoint(run.run_dir, 1, run.adapter, run.lora, {"history": []})
-    assert (path / ADAPTER_WEIGHTS).is_file() and models.BASE_MODEL_LOADS == loads_before
+    assert (path / ADAPTER_WEIGHTS).is_file() and WORKER_CACHE.base_model_loads == loads_before
 
 
 def test_model_free_checkpoint_equals_what_peft_saves(tiny_model, tmp_path):
     config = _config(tiny_model, 0)
     adapter = _received_adapter(config, seed=9)
-    _, lora = models.initial_adapter(config.model)
+    _, lora = adapters.initial_adapter(config.model)
     ours = save_checkpoint(tmp_path, 1, adapter, lora, {})
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), models.lora_config(config.model))
-    models.set_adapter_state(peft_model, adapter)
+    adapters.set_adapter_state(peft_model, adapter)
     peft_model.save_pretrained(tmp_path / "by-peft")
     theirs = load_file(tmp_path / "by-peft" / ADAPTER_WEIGHTS)
     saved = load_file(ours / ADAPTER_WEIGHTS)
@@ -151,7 +151,7 @@ def test_model_free_checkpoint_equals_what_peft_saves(tiny_model, tmp_path):
         saved_config["target_modules"] = sorted(saved_config["target_modules"])
     assert ours_config == peft_config
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), ours)
-    assert all(torch.equal(v, adapter[k]) for k, v in models.get_adapter_state(loaded).items())
+    assert all(torch.equal(v, adapter[k]) for k, v in adapters.get_adapter_state(loaded).items())
 
 
 class _Grid:
@@ -172,7 +172,7 @@ def test_fp16_transport_sends_and_receives_half_and_averages_in_fp32(monkeypatch
         updates = [OrderedDict((k, v + 0.001 * (i + 1)) for k, v in global_adapter.items()) for i in range(len(messages))]
         replies = [
             Message(RecordDict({"arrays": with_dtype(ArrayRecord(u), dtype),
-                                "metrics": MetricRecord({"num-examples": 10 * (i + 1), "train_loss": 1.0})}), reply_to=m)
+                                "metrics": MetricRecord({ReplyMetric.NUM_EXAMPLES: 10 * (i + 1), ReplyMetric.TRAIN_LOSS: 1.0})}), reply_to=m)
             for i, (u, m) in enumerate(zip(updates, messages))
         ]
         arrays, _ = strategy.aggregate_train(1, replies)

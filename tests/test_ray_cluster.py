@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance.dev import launch
+from flowertune_finance.dev import launch, processes, servers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER = "FLOWERTUNE_RAY_CLUSTER"
@@ -72,7 +72,7 @@ def _cluster_pids(temp_dir: Path) -> set[int]:
     what ties them to this cluster.
     """
     table = _process_table()
-    found = set(launch.processes_with_env(MARKER, str(temp_dir)))
+    found = set(processes.processes_with_env(MARKER, str(temp_dir)))
     needle = str(temp_dir).encode()
     for pid in table:
         try:
@@ -161,22 +161,25 @@ def two_node_ray_cluster(cpus_per_node: int = 1) -> Iterator[RayCluster]:
     """A head and a worker node on this machine, each with its own temp dir and ports; stopped on exit."""
     # Short path: Ray's Unix sockets live under it and must stay below ~107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayc-", dir="/tmp"))
-    env = launch.flwr_env({MARKER: str(temp_dir), "RAY_USAGE_STATS_ENABLED": "0"})
+    env = processes.flwr_env({MARKER: str(temp_dir), "RAY_USAGE_STATS_ENABLED": "0"})
     env.pop("RAY_ADDRESS", None)
-    port = launch.free_port()
+    # below the ephemeral range and derived from the cluster's own temp dir; a port another process
+    # holds makes `ray start` fail rather than share it
+    port, client_server_port, dashboard_port, head_agent_port, worker_agent_port = servers.port_candidates(
+        str(temp_dir), 5)
     address = f"127.0.0.1:{port}"
     common = [f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--object-store-memory=100000000",
               "--disable-usage-stats"]
     cluster = RayCluster(address, temp_dir, {})
     try:
         _ray("start", "--head", f"--port={port}", f"--temp-dir={temp_dir / 'head'}", *common,
-             "--include-dashboard=false", f"--ray-client-server-port={launch.free_port()}",
-             f"--dashboard-port={launch.free_port()}",
-             f"--dashboard-agent-listen-port={launch.free_port()}", env=env)
+             "--include-dashboard=false", f"--ray-client-server-port={client_server_port}",
+             f"--dashboard-port={dashboard_port}",
+             f"--dashboard-agent-listen-port={head_agent_port}", env=env)
         # Same machine: the second node needs its own temp dir and dashboard-agent port (52365 for every node
         # by default); Ray picks the raylet's other ports at random.
         _ray("start", f"--address={address}", f"--temp-dir={temp_dir / 'worker'}", *common,
-             f"--dashboard-agent-listen-port={launch.free_port()}", env=env)
+             f"--dashboard-agent-listen-port={worker_agent_port}", env=env)
         alive = [node for node in _gcs_records(address, env)["nodes"] if node["alive"]]
         cluster.node_temp_dirs = {node["id"]: _node_temp_dir(node["raylet_socket"], temp_dir) for node in alive}
         yield cluster
@@ -196,12 +199,12 @@ def test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster(tiny_model, tmp_
         config = launch.smoke_run_config(REPO_ROOT, tiny_model, rounds=1)
         config["output.dir"] = str(tmp_path / "results")
         config["strategy.fraction-train"] = 1.0  # all 4 SuperNodes train: 4 ClientApp calls, 2 actors
-        with launch.isolated_flwr() as env:
+        with processes.isolated_flwr() as env:
             env["RAY_ADDRESS"] = cluster.address  # captured by the SuperLink that `flwr run` starts
             result = launch.run_app(
                 REPO_ROOT, config, num_supernodes=4, env=env, timeout=600, client_resources={"num-cpus": 1}
             )
-        records = _gcs_records(cluster.address, launch.flwr_env({MARKER: str(cluster.temp_dir)}))
+        records = _gcs_records(cluster.address, processes.flwr_env({MARKER: str(cluster.temp_dir)}))
         nodes = set(cluster.node_temp_dirs)
         stopping = time.time()
     ended = time.time()

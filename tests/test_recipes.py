@@ -22,16 +22,18 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from flowertune_finance import client_app, models
+from flowertune_finance import adapters, client_app, models
 from flowertune_finance.checkpoint import ADAPTER_WEIGHTS, CheckpointError, save_checkpoint
+from flowertune_finance.communication import MB, PROJECTION_FILE, project_communication, record_bytes
 from flowertune_finance.config import ConfigError, ModelConfig, parse_run_config
-from flowertune_finance.dev.launch import app_default_config
 from flowertune_finance.dev.tiny import build_tiny_model
 from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
 from flowertune_finance.metrics import read_metrics
-from flowertune_finance.server_app import PROJECTION_FILE, RoundRecorder, project_communication, start_run
-from flowertune_finance.strategy import MB, build_strategy, record_bytes
+from flowertune_finance.server_app import RoundRecorder, start_run
+from flowertune_finance.strategy import build_strategy
 from flowertune_finance.tools import presets
+from flowertune_finance.tools.run_config_check import app_default_config
+from flowertune_finance.worker_cache import WORKER_CACHE
 
 PRESETS = sorted((REPO_ROOT / "configs").glob("*.toml"))
 NOT_FOR_THE_LEADERBOARD = {"cpu-smoke.toml"}  # a tiny local model: no leaderboard recipe
@@ -54,7 +56,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("quantization", [0, 4])
 def test_all_linear_puts_lora_on_every_linear_projection(tiny_llama, quantization):
     config = ModelConfig(name=str(tiny_llama), quantization=quantization, lora_target_modules="all-linear")
-    adapter, lora = models.initial_adapter(config)
+    adapter, lora = adapters.initial_adapter(config)
     num_layers = AutoModelForCausalLM.from_pretrained(tiny_llama).config.num_hidden_layers
     assert lora_modules(adapter) == LLAMA_LINEAR
     for layer in range(num_layers):
@@ -64,26 +66,26 @@ def test_all_linear_puts_lora_on_every_linear_projection(tiny_llama, quantizatio
                 assert f"base_model.model.model.layers.{layer}.{part}.{name}.{matrix}.weight" in adapter
     assert not any("lm_head" in key for key in adapter)  # PEFT's all-linear leaves the output head alone
     # the clients' (quantized) model gets exactly the adapter the server built without weights
-    trained = models.get_adapter_state(models.build_peft_model(config))
+    trained = adapters.get_adapter_state(models.build_peft_model(config))
     assert list(trained) == list(adapter) and all(trained[k].shape == adapter[k].shape for k in adapter)
     assert {name.rsplit(".", 1)[-1] for name in lora.target_modules} == LLAMA_LINEAR
 
 
 def test_listed_target_modules_get_lora_and_nothing_else(tiny_llama):
     config = ModelConfig(name=str(tiny_llama), quantization=0, lora_target_modules="q_proj, k_proj,down_proj")
-    adapter, lora = models.initial_adapter(config)
+    adapter, lora = adapters.initial_adapter(config)
     assert lora_modules(adapter) == {"q_proj", "k_proj", "down_proj"}
     assert sorted(lora.target_modules) == ["down_proj", "k_proj", "q_proj"]
-    default, _ = models.initial_adapter(ModelConfig(name=str(tiny_llama), quantization=0))
+    default, _ = adapters.initial_adapter(ModelConfig(name=str(tiny_llama), quantization=0))
     assert lora_modules(default) == {"q_proj", "v_proj"}  # empty: PEFT's default for the architecture
 
 
 def test_checkpoint_of_an_all_linear_run_loads_with_plain_peft(tiny_llama, tmp_path):
     config = ModelConfig(name=str(tiny_llama), quantization=0, lora_target_modules="all-linear")
-    adapter, lora = models.initial_adapter(config)
+    adapter, lora = adapters.initial_adapter(config)
     adapter = {k: v + 0.01 * torch.randn_like(v) for k, v in adapter.items()}
     path = save_checkpoint(tmp_path, 1, adapter, lora, {})
-    loaded = models.get_adapter_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), path))
+    loaded = adapters.get_adapter_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), path))
     assert set(loaded) == set(adapter) and all(torch.equal(loaded[k], adapter[k]) for k in adapter)
 
 
@@ -144,7 +146,7 @@ def test_frozen_a_round_with_every_strategy_and_fp16(tiny_model, tmp_path, messa
     assert len(messages) == 5
     sent = messages[0].content["arrays"]
     assert set(sent) == b_keys and {array.dtype for array in sent.values()} == {"float16"}
-    assert messages[0].content["config"][models.FROZEN_A_CHECKSUM_KEY] == models.adapter_checksum(run.frozen_a)
+    assert messages[0].content["config"][adapters.FROZEN_A_CHECKSUM_KEY] == adapters.adapter_checksum(run.frozen_a)
 
     replies = [client_app.train(message, _client_context(run_config, i)) for i, message in enumerate(messages[:2])]
     for reply in replies:
@@ -153,7 +155,7 @@ def test_frozen_a_round_with_every_strategy_and_fp16(tiny_model, tmp_path, messa
     for name, param in model.named_parameters():
         if ".lora_A." in name:
             assert not param.requires_grad and param.dtype == torch.float32
-    trained_a = models.split_frozen(models.get_adapter_state(model))[0]
+    trained_a = adapters.split_frozen(adapters.get_adapter_state(model))[0]
     assert all(torch.equal(trained_a[k], run.frozen_a[k]) for k in a_keys), "local training moved A"
 
     arrays, _ = server.aggregate_train(1, replies)
@@ -167,7 +169,7 @@ def test_frozen_a_round_with_every_strategy_and_fp16(tiny_model, tmp_path, messa
     assert all(torch.equal(saved[k], run.frozen_a[k]) for k in a_keys)
     assert all(saved[k].abs().sum() > 0 for k in b_keys), "B did not move from its zero initialisation"
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run.run_dir / "peft_1")
-    loaded = models.get_adapter_state(peft_model)
+    loaded = adapters.get_adapter_state(peft_model)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
@@ -186,29 +188,29 @@ def _train_message(run, server_round: int = 1, **config_changes) -> Message:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({models.FROZEN_A_CHECKSUM_KEY: "0" * 64},
+        ({adapters.FROZEN_A_CHECKSUM_KEY: "0" * 64},
          (r"frozen LoRA A matrices derived on this node \(sha256 [0-9a-f]{16}\.\.\.\) differ from the server's "
          r"\(sha256 0000000000000000")),
-        ({models.FROZEN_A_CHECKSUM_KEY: None}, r"freeze-a is true but the round's config carries no 'lora-a-sha256'"),
+        ({adapters.FROZEN_A_CHECKSUM_KEY: None}, r"freeze-a is true but the round's config carries no 'lora-a-sha256'"),
     ],
 )
 def test_frozen_a_checksum_mismatch_fails_before_training(tiny_model, tmp_path, message_identity, change, match):
     run_config = smoke_config(tiny_model, tmp_path / "results", **{"model.lora.freeze-a": True})
     _, run, _ = start_run(run_config, num_partitions=50)
-    loads = models.BASE_MODEL_LOADS
-    models.clear_model_cache()
-    with pytest.raises(models.FrozenAdapterMismatch, match=match):
+    loads = WORKER_CACHE.base_model_loads
+    WORKER_CACHE.clear()
+    with pytest.raises(adapters.FrozenAdapterMismatch, match=match):
         client_app.train(_train_message(run, **change), _client_context(run_config, 0))
-    assert models.BASE_MODEL_LOADS == loads, "the client loaded the base model before checking A"
+    assert WORKER_CACHE.base_model_loads == loads, "the client loaded the base model before checking A"
 
 
 def test_a_client_whose_a_differs_is_caught(tiny_model, tmp_path, message_identity, monkeypatch):
     """The check is on what the client actually derives: a different initialisation there fails."""
     run_config = smoke_config(tiny_model, tmp_path / "results", **{"model.lora.freeze-a": True})
     _, run, _ = start_run(run_config, num_partitions=50)
-    other = {k: v + 1e-7 for k, v in models.frozen_lora_a(parse_run_config(run_config).model).items()}
-    monkeypatch.setattr(models, "frozen_lora_a", lambda model_config: other)  # what a client with another torch derives
-    with pytest.raises(models.FrozenAdapterMismatch, match="refusing to train on a different A"):
+    other = {k: v + 1e-7 for k, v in adapters.frozen_lora_a(parse_run_config(run_config).model).items()}
+    monkeypatch.setattr(adapters, "frozen_lora_a", lambda model_config: other)  # what a client with another torch derives
+    with pytest.raises(adapters.FrozenAdapterMismatch, match="refusing to train on a different A"):
         client_app.train(_train_message(run), _client_context(run_config, 0))
 
 
@@ -225,7 +227,7 @@ def test_frozen_a_resumes_from_its_checkpoint_and_refuses_a_changed_a(tiny_model
     assert set(resumed.travelling()) == set(trained_b)
     assert all(torch.equal(resumed.travelling()[k], trained_b[k]) for k in trained_b)
     assert all(torch.equal(resumed.frozen_a[k], run.frozen_a[k]) for k in run.frozen_a)
-    assert resumed.round_config()[models.FROZEN_A_CHECKSUM_KEY] == run.round_config()[models.FROZEN_A_CHECKSUM_KEY]
+    assert resumed.round_config()[adapters.FROZEN_A_CHECKSUM_KEY] == run.round_config()[adapters.FROZEN_A_CHECKSUM_KEY]
     assert (run.run_dir / "projected_communication.from-round-2.json").is_file()
 
     # a checkpoint whose A is not the seeded initialisation (another torch, a hand-edited file) is refused
@@ -248,7 +250,7 @@ def test_frozen_a_through_flwr_run(run_smoke, tiny_model):
         "model.lora.freeze-a": True, "num-server-rounds": 2, "train.save-every-round": 1})
     assert result.status == "finished:completed"
     first, second = (load_file(run_dir / f"peft_{r}" / ADAPTER_WEIGHTS) for r in (1, 2))
-    derived = models.frozen_lora_a(ModelConfig(name=str(tiny_model), quantization=0, lora_freeze_a=True))
+    derived = adapters.frozen_lora_a(ModelConfig(name=str(tiny_model), quantization=0, lora_freeze_a=True))
     a_keys = set(derived)
     b_keys = set(first) - a_keys
     assert a_keys and b_keys and set(first) == set(second) == a_keys | b_keys
@@ -269,7 +271,7 @@ def test_frozen_a_through_flwr_run(run_smoke, tiny_model):
     plan = json.loads((run_dir / PROJECTION_FILE).read_text())
     assert plan["projected_mb"] == pytest.approx(8 * b_mb) and plan["freeze_a"] and plan["within_budget"]
     assert plan["clients_per_round"] == 2 and plan["num_supernodes"] == 4 and plan["rounds"] == 2
-    loaded = models.get_adapter_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+    loaded = adapters.get_adapter_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
                                                                 run_dir / "peft_2"))
     assert all(torch.equal(loaded[k], second[k]) for k in second)
 
@@ -352,7 +354,7 @@ def test_qwen_preset_is_the_reported_recipe_and_its_reported_communication(defau
     assert (config.train.learning_rate_max, config.train.learning_rate_min) == (5e-4, 5e-5)
     plan = project_communication(config, 50, hf_config=presets.published_model_config(model.name))
     assert plan.projected_mb == pytest.approx(30_807, abs=1)  # the entry reports 30,807 MB
-    shapes = models.adapter_shapes(model, presets.published_model_config(model.name))
+    shapes = adapters.adapter_shapes(model, presets.published_model_config(model.name))
     assert lora_modules(shapes) == LLAMA_LINEAR and len(shapes) == 2 * 7 * 28
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowertune_finance import models, training
+from flowertune_finance import adapters, models, training
 from flowertune_finance.config import ConfigError, ModelConfig, parse_run_config
 from flowertune_finance.dataset import load_tokenizer
 from flowertune_finance.dev import synthetic
@@ -34,7 +34,7 @@ def test_lora_weights_stay_fp32_under_4bit_and_lose_no_tiny_update(tiny_llama):
     config = _config(tiny_llama, **{
         "model.quantization": 4, "train.learning-rate-max": 1e-7, "train.learning-rate-min": 1e-7,
     })
-    received, _ = models.initial_adapter(config.model)
+    received, _ = adapters.initial_adapter(config.model)
     round_1, _ = training.train_adapter(config, received, 2, 50, server_round=1)
     a_keys = [key for key in received if "lora_A" in key]
     b_keys = [key for key in received if "lora_B" in key]
@@ -156,7 +156,7 @@ def test_local_epochs_train_the_whole_partition(tiny_model):
     config = _config(tiny_model, **{
         "train.training-arguments.max-steps": -1, "train.training-arguments.num-train-epochs": 2,
     })
-    adapter, _ = models.initial_adapter(config.model)
+    adapter, _ = adapters.initial_adapter(config.model)
     _, metrics = training.train_adapter(config, adapter, 1, 250, server_round=1)  # a 10-row partition
     assert metrics["num-examples"] == 10 and metrics["train-steps"] == 2 * 3  # ceil(10 / batch 4) per epoch
     with pytest.raises(ConfigError, match="max-steps' = 0 is out of range"):

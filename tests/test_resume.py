@@ -19,6 +19,7 @@ import signal
 import subprocess
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,10 @@ from conftest import REPO_ROOT, run_dirs, smoke_config
 from flwr.app import ArrayRecord
 from test_faults import fault_app_dir
 
-from flowertune_finance.checkpoint import load_adapter
-from flowertune_finance.dev import launch
-from flowertune_finance.metrics import append_metrics, read_metrics
+from flowertune_finance import checkpoint
+from flowertune_finance.checkpoint import load_adapter, restart_metrics, staged_folder
+from flowertune_finance.dev import launch, processes
+from flowertune_finance.metrics import METRICS_FILE, append_metrics, read_metrics
 from flowertune_finance.server_app import RoundRecorder, start_run
 from flowertune_finance.strategy import build_strategy
 
@@ -64,7 +66,7 @@ def process_tree(root: int) -> list[int]:
 def simulation_pids(flwr_home: str) -> list[int]:
     """The `flwr-simulation` processes (ServerApp + Ray) started under this FLWR_HOME."""
     pids = []
-    for pid in launch.processes_with_env("FLWR_HOME", flwr_home):
+    for pid in processes.processes_with_env("FLWR_HOME", flwr_home):
         try:
             if "flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
                 pids.append(pid)
@@ -75,7 +77,7 @@ def simulation_pids(flwr_home: str) -> list[int]:
 
 def running_run_ids(env: dict[str, str]) -> list[int]:
     listed = subprocess.run(
-        [launch.flwr_executable(), "ls", "--format", "json"], env=launch.flwr_env(env),
+        [processes.flwr_executable(), "ls", "--format", "json"], env=processes.flwr_env(env),
         capture_output=True, text=True, timeout=60, check=False,
     )
     return [int(run["run-id"]) for run in json.loads(listed.stdout)["runs"] if run["status"] == "running"]
@@ -128,7 +130,7 @@ def crash_after_round(
         except ProcessLookupError:
             pass
     for run_id in running_run_ids(env):
-        subprocess.run([launch.flwr_executable(), "stop", str(run_id)], env=launch.flwr_env(env),
+        subprocess.run([processes.flwr_executable(), "stop", str(run_id)], env=processes.flwr_env(env),
                        capture_output=True, timeout=60, check=False)
     runner.join(120)
     assert not runner.is_alive() and "result" not in outcome, "the killed run was reported as completed"
@@ -209,3 +211,35 @@ def test_resume_restarts_metrics_from_the_checkpoint_and_keeps_the_lines_ahead(t
     (kept,) = run.run_dir.glob("metrics.before-resume-*.jsonl")
     assert kept.read_text() == ahead
     assert all(torch.equal(resumed.adapter[k], run.adapter[k].float()) for k in run.adapter)
+
+
+class _OneSecond(datetime):
+    """A clock stuck in one second: every name stamped with it collides."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2025, 1, 2, 3, 4, 5)
+
+
+def test_two_resumes_within_one_second_keep_both_crashed_metrics_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "datetime", _OneSecond)
+    for attempt in ("first", "second"):
+        (tmp_path / METRICS_FILE).write_text(json.dumps({"round": attempt}) + "\n")
+        restart_metrics(tmp_path, [{"round": 1}])
+    kept = {p.name: p.read_text() for p in tmp_path.glob("metrics.before-resume-*.jsonl")}
+    assert kept == {"metrics.before-resume-2025-01-02_03-04-05.jsonl": '{"round": "first"}\n',
+                    "metrics.before-resume-2025-01-02_03-04-05-1.jsonl": '{"round": "second"}\n'}
+    assert read_metrics(tmp_path) == [{"round": 1}]
+
+
+def test_a_staged_folder_appears_whole_or_not_at_all_and_never_replaces_one(tmp_path):
+    target = tmp_path / "peft_1"
+    with pytest.raises(RuntimeError, match="crash while writing"), staged_folder(target) as folder:
+        (folder / "adapter_model.safetensors").write_text("half")
+        raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileExistsError, match="peft_1 already exists; refusing to overwrite it"):
+        with staged_folder(target) as folder:
+            (folder / "adapter_model.safetensors").write_text("whole")
+            target.mkdir()  # another writer takes the name meanwhile: an empty folder a rename would replace
+    assert list(tmp_path.iterdir()) == [target] and not any(target.iterdir())

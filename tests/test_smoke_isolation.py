@@ -22,8 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance.dev import launch
-from flowertune_finance.dev.launch import SUPERLINK_MARKER, PrivateSuperLink, processes_with_env
+from flowertune_finance.dev import launch, processes, servers, smoke
+from flowertune_finance.dev.processes import processes_with_env
+from flowertune_finance.dev.superlink import (
+    SMOKE_CONNECTION,
+    SUPERLINK_MARKER,
+    PrivateSuperLink,
+    current_environment,
+    current_python,
+    healthy,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_FILES = ("pyproject.toml", "README.md", ".gitignore", "LICENSE", "flowertune_finance")
@@ -55,7 +63,7 @@ def run_ids(app: Path) -> list[int]:
     """Every run the checkout's own SuperLink knows (`flwr ls` through its private FLWR_HOME)."""
     superlink = PrivateSuperLink(app)
     listed = subprocess.run(
-        [launch.flwr_executable(), "ls", launch.SMOKE_CONNECTION, "--format", "json"],
+        [processes.flwr_executable(), "ls", SMOKE_CONNECTION, "--format", "json"],
         env=superlink.cli_env(), capture_output=True, text=True, timeout=60, check=False,
     )
     return sorted(int(run["run-id"]) for run in json.loads(listed.stdout)["runs"])
@@ -79,10 +87,21 @@ def simulation_pids(app: Path) -> list[int]:
     return pids
 
 
+def run_tree(app: Path) -> dict[int, int | None]:
+    """The checkout's simulation processes and everything below them (Ray's raylet, agents, workers),
+    as PID: start time: what outlives a stopped run unless the smoke stops it."""
+    simulations = simulation_pids(app)
+    return {**{pid: processes.started_at(pid) for pid in simulations}, **processes.descendants(simulations)}
+
+
+def agents(tree: dict[int, int | None]) -> list[int]:
+    return [pid for pid in processes.still_running(tree) if processes.command_line(pid).startswith("ray::")]
+
+
 def strays(app: Path, superlink_pid: int) -> list[int]:
     """Processes of the checkout's SuperLink that are neither it nor a child of one of its processes."""
     ours = set(processes_with_env(SUPERLINK_MARKER, str(app)))
-    return sorted(pid for pid in ours if pid != superlink_pid and launch._parent(pid) not in ours)
+    return sorted(pid for pid in ours if pid != superlink_pid and processes.parent(pid) not in ours)
 
 
 def value_after(output: str, prefix: str) -> str:
@@ -148,9 +167,9 @@ def test_two_checkouts_never_share_a_superlink(checkouts, smoke_a):
     assert record_a is not None and record_b is not None
     assert record_a.port != record_b.port and record_a.pid != record_b.pid
     assert (record_a.flwr_home, record_b.flwr_home) == (str(app_a / ".smoke/flwr-home"), str(app_b / ".smoke/flwr-home"))
-    assert record_a.python == record_b.python == launch.current_python()
+    assert record_a.python == record_b.python == current_python()
     for record in (record_a, record_b):
-        assert launch._owns_listener(record.pid, record.port)  # each port is held by that checkout's SuperLink
+        assert servers.owns_listener(record.pid, record.port)  # each port is held by that checkout's SuperLink
         assert record.port not in (39091, 39093)  # never Flower's shared default ports
     # each run is known only to its own checkout's SuperLink
     run_a, run_b = submitted(smoke_a[0].stdout)[0], submitted(result.stdout)[0]
@@ -175,6 +194,11 @@ def test_ctrl_c_stops_the_run_it_started(checkouts, smoke_a):
             seen.append(line)
             if line.startswith("Run folder:"):  # the ServerApp is running the run
                 break
+        deadline = time.time() + 120  # Ctrl-C once the run's Ray agents run: those are what could be left over
+        while not agents(run_tree(app)) and smoke.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        tree = run_tree(app)  # Ray's agents lose the marker when they rename themselves: follow the tree
+        assert agents(tree), "the run started no Ray agents before the deadline"
         smoke.send_signal(signal.SIGINT)
         after = smoke.stdout.read().splitlines()
         smoke.wait(timeout=120)
@@ -189,21 +213,20 @@ def test_ctrl_c_stops_the_run_it_started(checkouts, smoke_a):
     assert len(after) == 1 and after[0].startswith(f"Interrupted: run {run_id} stopped (status finished:stopped)")
 
     superlink = PrivateSuperLink(app)
-    assert launch.run_status(run_id, superlink.cli_env(), [launch.SMOKE_CONNECTION]) == "finished:stopped"
-    # the run's simulation process exits; with it gone, nothing can complete the run later
-    deadline = time.time() + 60
-    while simulation_pids(app) and time.time() < deadline:
-        time.sleep(0.2)
+    assert launch.run_status(run_id, superlink.cli_env(), [SMOKE_CONNECTION]) == "finished:stopped"
+    # the smoke returned only after the run's simulation process exited (its Ray daemons are orphaned
+    # only then); with it gone, nothing can complete the run later
     assert simulation_pids(app) == [], "the stopped run's simulation process is still running"
-    assert launch.run_status(run_id, superlink.cli_env(), [launch.SMOKE_CONNECTION]) == "finished:stopped"
+    assert launch.run_status(run_id, superlink.cli_env(), [SMOKE_CONNECTION]) == "finished:stopped"
     run_dir = Path(value_after(output, "Run folder:"))
     assert not (run_dir / "peft_20").exists()
     # nothing of the stopped run is left behind: every process is the SuperLink or a child of one of its
-    # processes (Ray's daemons of the run take a few seconds to exit after its simulation process)
-    deadline = time.time() + 60
-    while strays(app, before.pid) and time.time() < deadline:
+    # processes (left to themselves, the run's orphaned Ray agents outlive it by minutes)
+    deadline = time.time() + 30
+    while (strays(app, before.pid) or processes.still_running(tree)) and time.time() < deadline:
         time.sleep(0.5)
-    assert strays(app, before.pid) == []
+    assert strays(app, before.pid) == [], [processes.command_line(pid) for pid in strays(app, before.pid)]
+    assert processes.still_running(tree) == [], [processes.command_line(pid) for pid in processes.still_running(tree)]
     assert before.pid in processes_with_env(SUPERLINK_MARKER, str(app))
 
 
@@ -217,7 +240,7 @@ def test_stop_stops_only_that_checkouts_superlink(checkouts, smoke_a):
     assert not (app_a / ".smoke" / "superlink.json").exists()
     record_b = PrivateSuperLink(app_b).running()
     if record_b is not None:  # B's own test ran: its SuperLink is untouched
-        assert launch._healthy(record_b.port)
+        assert healthy(record_b.port)
     assert cli("smoke", str(app_a), "--stop", timeout=120).stdout.strip() == (
         f"No private SuperLink is running for {app_a}.")
 
@@ -234,7 +257,7 @@ def test_port_conflict_and_another_python_start_a_fresh_superlink(tmp_path):
             record, note = superlink.ensure()
         assert note == "started" and record.port != first
         assert json.loads(superlink.record_path.read_text())["port"] == record.port
-        assert launch._owns_listener(record.pid, record.port)
+        assert servers.owns_listener(record.pid, record.port)
 
         again, note = superlink.ensure()  # the recorded port stays, the SuperLink is reused
         assert (note, again.pid, again.port) == ("reused", record.pid, record.port)
@@ -245,7 +268,7 @@ def test_port_conflict_and_another_python_start_a_fresh_superlink(tmp_path):
         fresh, note = superlink.ensure()
         assert note.startswith("restarted (the previous one ran /elsewhere/bin/python")
         assert fresh.pid != record.pid and not superlink._is_ours(record.pid)
-        assert fresh.environment == launch.current_environment()
+        assert fresh.environment == current_environment()
     finally:
         superlink.stop()
     assert processes_with_env(SUPERLINK_MARKER, str(superlink.app_dir)) == []
@@ -265,9 +288,9 @@ def test_a_foreign_listener_answering_health_is_not_taken_for_ours():
     thread.start()
     try:
         port = server.server_address[1]
-        assert launch._healthy(port) and not launch._port_free(port)
-        assert launch._owns_listener(os.getpid(), port)
-        assert not launch._owns_listener(os.getppid(), port)
+        assert healthy(port) and not servers.port_free(port)
+        assert servers.owns_listener(os.getpid(), port)
+        assert not servers.owns_listener(os.getppid(), port)
     finally:
         server.shutdown()
         server.server_close()
@@ -289,7 +312,7 @@ def test_a_failed_run_is_reported_with_its_reason(checkouts):
         runs_before = sorted(results.iterdir()) if results.is_dir() else []
         shown: list[str] = []
         with pytest.raises(launch.RunFailed) as failure:
-            launch.run_smoke(superlink, run_config, num_supernodes=4, say=shown.append)
+            smoke.run_smoke(superlink, run_config, num_supernodes=4, say=shown.append)
     finally:
         superlink.stop()
     message = str(failure.value)

@@ -21,7 +21,8 @@ from flowertune_finance.checkpoint import save_checkpoint
 from flowertune_finance.dev import launch
 from flowertune_finance.generation import file_sha256
 from flowertune_finance.metrics import METRICS_FILE, read_metrics
-from flowertune_finance.tools.submit import SubmissionError, app_defaults, build_submission
+from flowertune_finance.tools.provenance import app_defaults
+from flowertune_finance.tools.submit import SubmissionError, build_submission
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACCURACIES = {"fpb": 0.5, "fiqa": 0.25, "tfns": 0.75}

@@ -1,10 +1,12 @@
 """A Flower deployment on this machine's loopback: SuperLink + SuperNodes over TLS, optional node auth.
 
 The same processes a real federation runs (`flower-superlink`, `flower-supernode`, `flwr run`
-against a named connection), started on 127.0.0.1 with free ports so that the Deployment
-Engine can be tried, and tested, without a second machine. Every process gets its own process
-group and a marker in its environment; `LocalDeployment.stop` (also on Ctrl-C, via the context
-manager) kills all of them, including the SuperExec the SuperLink detaches into its own session.
+against a named connection), started on 127.0.0.1 so that the Deployment Engine can be tried, and
+tested, without a second machine. Each server starts on a port derived from the folder and its
+name, and on the next candidate if another process took that port first (`servers.Server`).
+Every process gets its own process group and a marker in its environment; `LocalDeployment.stop`
+(also on Ctrl-C, via the context manager) kills all of them, including the SuperExec the SuperLink
+detaches into its own session.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ import json
 import signal
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,14 @@ from flowertune_finance.dev.credentials import (
     generate_certificates,
     generate_node_keys,
 )
-from flowertune_finance.dev.launch import flwr_env, free_port, kill_processes_with_env, signal_group
+from flowertune_finance.dev.processes import (
+    console_script,
+    flwr_env,
+    flwr_executable,
+    kill_processes_with_env,
+    signals_ignored,
+)
+from flowertune_finance.dev.servers import Server, StartFailed, owns_listener, port_candidates
 
 CONNECTION = "local-deployment"
 MARKER = "FLOWERTUNE_DEPLOYMENT"  # env var carried by every process a deployment starts
@@ -59,28 +66,16 @@ def node_config_argument(node_config: dict[str, str | int]) -> str:
 
 
 @dataclass
-class Process:
-    """One started process: its handle and the file its output goes to."""
-
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-@dataclass
 class LocalDeployment:
     """A SuperLink and its SuperNodes on loopback, started under `folder` and stopped together."""
 
     folder: Path
     supernode_auth: bool = False
     startup_timeout: float = 120.0
-    port: int = 0
+    port: int = 0  # 0: the first free one of the folder's candidates
     certificates: Certificates | None = None
-    superlink: Process | None = None
-    supernodes: dict[str, Process] = field(default_factory=dict)
+    superlink: Server | None = None
+    supernodes: dict[str, Server] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).resolve()
@@ -97,40 +92,34 @@ class LocalDeployment:
         return f"{LOOPBACK}:{self.port}"
 
     def env(self, flwr_home: Path | None = None) -> dict[str, str]:
-        """Environment of every process: this venv first on PATH, no dependency installs, the marker."""
-        return flwr_env({
-            "FLWR_HOME": str(flwr_home or self.flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            MARKER: str(self.folder),
-        })
+        """Environment of every process: this venv first on PATH, a private FLWR_HOME, the marker."""
+        return flwr_env({MARKER: str(self.folder)}, home=flwr_home or self.flwr_home)
 
-    def _start(self, name: str, command: list[str], env: dict[str, str]) -> Process:
+    def _server(self, name: str, command: list[str], env: dict[str, str], ports: list[int]) -> Server:
+        """A server of this deployment: `command` with `--port` appended, started on the first of `ports` it binds."""
         log_path = self.folder / "logs" / f"{name}.log"
-        with log_path.open("ab") as log_file:
-            popen = subprocess.Popen(
-                command, env=env, cwd=self.folder, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        return Process(name, popen, log_path)
+        return Server(name, lambda port: [*command, "--port", str(port)], env, self.folder, log_path, ports).start()
 
-    def start_superlink(self) -> Process:
+    def _wait_ready(self, server: Server, ready: Callable[[Server], bool]) -> None:
+        try:
+            server.wait_ready(ready, self.startup_timeout)
+        except StartFailed as error:
+            raise DeploymentError(str(error)) from error
+
+    def start_superlink(self) -> Server:
         """`flower-superlink` with TLS (and node auth if asked); returns once it accepts connections."""
-        self.port = self.port or free_port()
         command = [
-            "flower-superlink", "--host", LOOPBACK, "--port", str(self.port),
+            console_script("flower-superlink"), "--host", LOOPBACK,
             "--ssl-ca-certfile", str(self.certificates.ca_cert),
             "--ssl-certfile", str(self.certificates.server_cert),
             "--ssl-keyfile", str(self.certificates.server_key),
             "--disable-runtime-dependency-installation",
         ] + (["--enable-supernode-auth"] if self.supernode_auth else [])
-        self.superlink = self._start("superlink", command, self.env())
-        deadline = time.time() + self.startup_timeout
-        while not _accepts_connections(LOOPBACK, self.port):
-            self._check_alive(self.superlink)
-            if time.time() > deadline:
-                raise DeploymentError(f"SuperLink did not listen on {self.address} within {self.startup_timeout:.0f} s; "
-                                      f"log: {self.superlink.log_path}")
-            time.sleep(0.2)
+        ports = [self.port] if self.port else port_candidates(f"{self.folder}#superlink")
+        self.superlink = self._server("superlink", command, self.env(), ports)
+        self._wait_ready(self.superlink, lambda server: owns_listener(server.popen.pid, server.port)
+                         and _accepts_connections(LOOPBACK, server.port))
+        self.port = self.superlink.port
         self.write_connection()
         return self.superlink
 
@@ -161,7 +150,7 @@ class LocalDeployment:
     def register_node(self, public_key: Path) -> None:
         """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
         result = subprocess.run(
-            ["flwr", "supernode", "register", str(public_key), CONNECTION],
+            [flwr_executable(), "supernode", "register", str(public_key), CONNECTION],
             check=False, env=self.env(), capture_output=True, text=True, timeout=60,
         )
         if result.returncode != 0:
@@ -170,7 +159,7 @@ class LocalDeployment:
     def online_nodes(self) -> list[str]:
         """Ids of the SuperNodes the SuperLink sees online (`flwr supernode ls`)."""
         result = subprocess.run(
-            ["flwr", "supernode", "ls", CONNECTION, "--format", "json"],
+            [flwr_executable(), "supernode", "ls", CONNECTION, "--format", "json"],
             check=False, env=self.env(), capture_output=True, text=True, timeout=60,
         )
         try:
@@ -181,53 +170,44 @@ class LocalDeployment:
 
     def start_supernode(
         self, name: str, node_config: dict[str, str | int], private_key: Path | None = None, wait: bool = True
-    ) -> Process:
+    ) -> Server:
         """`flower-supernode` trusting the deployment's CA; with `wait`, returns once the SuperLink accepted it."""
         node_home = self.folder / "nodes" / name
         node_home.mkdir(parents=True, exist_ok=True)
         command = [
-            "flower-supernode", "--superlink", self.address,
+            console_script("flower-supernode"), "--superlink", self.address,
             "--root-certificates", str(self.certificates.ca_cert),
-            "--port", str(free_port()),
             "--node-config", node_config_argument(node_config),
         ] + (["--auth-supernode-private-key", str(private_key)] if private_key else [])
-        process = self._start(name, command, self.env(node_home))
+        process = self._server(name, command, self.env(node_home), port_candidates(f"{self.folder}#{name}"))
         self.supernodes[name] = process
         if wait:
             self.wait_for_supernode(process)
         return process
 
-    def wait_for_supernode(self, process: Process) -> None:
+    def wait_for_supernode(self, process: Server) -> None:
         """Block until the node logs its node id (accepted), or raise if it exits or times out."""
-        deadline = time.time() + self.startup_timeout
-        while NODE_READY_LINE not in process.log():
-            self._check_alive(process)
-            if time.time() > deadline:
-                raise DeploymentError(f"SuperNode {process.name} not connected within {self.startup_timeout:.0f} s; "
-                                      f"log: {process.log_path}")
-            time.sleep(0.2)
+        self._wait_ready(process, lambda server: NODE_READY_LINE in server.output())
 
-    def wait_for_exit(self, process: Process, timeout: float) -> int:
-        """The exit code of a process expected to stop by itself (a rejected SuperNode)."""
+    def wait_for_exit(self, process: Server, timeout: float) -> int:
+        """The exit code of a process expected to stop by itself (a rejected SuperNode); one that lost
+        its port to another process is started again on its next candidate first."""
         try:
-            return process.popen.wait(timeout=timeout)
+            while process.popen.wait(timeout=timeout) != 0 and process.lost_port():
+                process.start()
+            return process.popen.returncode
         except subprocess.TimeoutExpired as error:
             raise DeploymentError(f"{process.name} still running after {timeout:.0f} s; log: {process.log_path}") from error
 
-    def _check_alive(self, process: Process) -> None:
+    def _check_alive(self, process: Server) -> None:
         if process.popen.poll() is not None:
             raise DeploymentError(
                 f"{process.name} exited with code {process.popen.returncode}:\n{process.log()[-3000:]}"
             )
 
-    def kill(self, process: Process, sig: int = signal.SIGKILL, grace: float = 5.0) -> None:
+    def kill(self, process: Server, sig: int = signal.SIGKILL, grace: float = 5.0) -> None:
         """Send `sig` to the process's whole group; SIGKILL what is left after `grace` seconds."""
-        signal_group(process.popen.pid, sig)
-        try:
-            process.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            signal_group(process.popen.pid, signal.SIGKILL)
-            process.popen.wait(timeout=grace)
+        process.stop(grace, sig)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop the SuperNodes, then the SuperLink, then anything else carrying this deployment's marker.
@@ -235,7 +215,7 @@ class LocalDeployment:
         A second Ctrl-C or SIGTERM during this (e.g. `timeout` signals its whole group) is ignored,
         so teardown always finishes; it is bounded by `grace` per process.
         """
-        with _signals_ignored():
+        with signals_ignored((signal.SIGINT, signal.SIGTERM)):
             for process in [*self.supernodes.values(), *([self.superlink] if self.superlink else [])]:
                 if process.popen.poll() is None:
                     self.kill(process, signal.SIGTERM, grace)
@@ -272,20 +252,6 @@ class LocalDeployment:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-
-@contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Ignore SIGINT/SIGTERM for the block (only the main thread may change handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _accepts_connections(host: str, port: int) -> bool:

@@ -119,6 +119,18 @@ def _versions() -> dict[str, str]:
             "datasets": datasets.__version__, "python": platform.python_version()}
 
 
+def check_options(mode: str, batch_size: int, quantization: int, limit: int | None) -> None:
+    """The command's numeric and named options, before any data or model is touched."""
+    if mode not in MODES:
+        raise EvalError(f"--mode {mode!r} is not supported; allowed: {', '.join(MODES)}")
+    if batch_size < 1:
+        raise EvalError(f"--batch-size {batch_size} is not allowed; use an integer >= 1")
+    if quantization not in DTYPES:
+        raise EvalError(f"--quantization {quantization!r} is not supported; allowed: 4, 8, 0 (no quantization)")
+    if limit is not None and limit < 1:
+        raise EvalError(f"limit {limit} is not allowed; use an integer >= 1 or none")
+
+
 def evaluate_adapter(
     base_model: str,
     peft_path: str | None,
@@ -140,14 +152,7 @@ def evaluate_adapter(
     created and written to, before the model loads.
     """
     names = check_names(datasets)
-    if mode not in MODES:
-        raise EvalError(f"--mode {mode!r} is not supported; allowed: {', '.join(MODES)}")
-    if batch_size < 1:
-        raise EvalError(f"--batch-size {batch_size} is not allowed; use an integer >= 1")
-    if quantization not in DTYPES:
-        raise EvalError(f"--quantization {quantization!r} is not supported; allowed: 4, 8, 0 (no quantization)")
-    if limit is not None and limit < 1:
-        raise EvalError(f"limit {limit} is not allowed; use an integer >= 1 or none")
+    check_options(mode, batch_size, quantization, limit)
     check_run_name(run_name)
     if peft_path is not None and not Path(peft_path).expanduser().is_dir():
         raise EvalError(f"--peft-path {peft_path!r}: no such folder")

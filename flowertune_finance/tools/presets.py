@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app-dir", type=Path, default=Path("."), help="the app folder (default: .)")
     args = parser.parse_args(argv)
 
-    from flowertune_finance.dev import launch
+    from flowertune_finance.tools.run_config_check import RunConfigProblems, check_run_config, write_run_config
 
     if args.output.suffix != ".toml":
         parser.error(f"{args.output} must end in .toml (Flower reads a --run-config file only then)")
@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     staging = args.output.with_name(f".{args.output.name}.partial-{os.getpid()}.toml")
     try:
         merged = merge_run_configs(args.items)
-        launch.write_run_config(merged, staging)
-        launch.check_run_config(args.app_dir, [str(staging)])  # the file exactly as `flwr run` will read it
+        write_run_config(merged, staging)
+        check_run_config(args.app_dir, [str(staging)])  # the file exactly as `flwr run` will read it
         os.rename(staging, args.output)
-    except launch.RunConfigProblems as problems:
+    except RunConfigProblems as problems:
         for problem in problems.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
