@@ -24,13 +24,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # (pytest-xdist, `--dist loadgroup`), so the fixture is built once; the rest spread out.
 SHARED_FIXTURE_GROUPS = {
     "smoke_run": "smoke-run",
-    "quantized_fp16_run": "quantized-fp16-run",
+    "quantized_frozen_a_fp16_run": "quantized-frozen-a-fp16-run",
     "deployment": "deployment",
     "checkouts": "checkouts",
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Modules with minutes-long tests first, each in its own order, so parallel workers do not end on them.
+    long_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow") or item.get_closest_marker("ray")}
+    items.sort(key=lambda item: item.module.__name__ not in long_modules)
     for item in items:
         groups = {group for name, group in SHARED_FIXTURE_GROUPS.items() if name in getattr(item, "fixturenames", ())}
         if len(groups) > 1:
@@ -98,9 +102,13 @@ def smoke_run(tiny_model: Path, flwr_env: dict[str, str], tmp_path_factory: pyte
 
 
 @pytest.fixture(scope="session")
-def quantized_fp16_run(tiny_model: Path, flwr_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """One run for two readers: the base model in 4 bits and the adapter sent in fp16 (4 SuperNodes, so 2
-    clients a round, and 2 rounds). test_smoke_run checks the 4-bit side, test_performance the traffic.
-    Shared read-only, like `smoke_run`."""
-    overrides = {"model.quantization": 4, "train.transport-dtype": "float16", "num-server-rounds": 2}
-    return _run(tiny_model, flwr_env, tmp_path_factory.mktemp("quantized-fp16") / "results", 4, 600, **overrides)
+def quantized_frozen_a_fp16_run(
+    tiny_model: Path, flwr_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+):
+    """One run for three readers: the base model in 4 bits, LoRA's A frozen (only B travels) and B sent in
+    fp16 (4 SuperNodes, so 2 clients a round, 2 rounds, a checkpoint every round). test_smoke_run checks
+    the 4-bit side, test_performance the traffic, test_recipes frozen A. Shared read-only, like `smoke_run`."""
+    overrides = {"model.quantization": 4, "model.lora.freeze-a": True, "train.transport-dtype": "float16",
+                 "num-server-rounds": 2, "train.save-every-round": 1}
+    return _run(tiny_model, flwr_env, tmp_path_factory.mktemp("quantized-frozen-a-fp16") / "results", 4, 600,
+                **overrides)

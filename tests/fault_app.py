@@ -1,6 +1,7 @@
 """Test-only ClientApp: the production train handler with faults injected for chosen rounds
 and partitions. tests/test_faults.py copies this module into a small app folder whose
-pyproject.toml names it as the clientapp, and runs that folder with the real `flwr run`;
+pyproject.toml names it as the clientapp, writes the schedule there as faults.json, and runs
+that folder with the real `flwr run`;
 the production ClientApp carries no test hooks.
 """
 
@@ -16,15 +17,10 @@ from flwr.clientapp import ClientApp
 from flowertune_finance import client_app
 
 # server round -> partition-id -> fault ("raise": the client crashes; "nan": it replies with a NaN weight;
-# "hang": the client never replies, so the round cannot end: a test kills the run while it waits)
-FAULTS = {
-    1: {0: "raise", 1: "nan"},
-    2: {0: "raise", 1: "raise", 2: "raise", 3: "nan", 4: "nan"},
-}
-# A test may replace FAULTS with faults.json next to this module: {"round": {"partition": fault}}.
-_OVERRIDE = Path(__file__).with_name("faults.json")
-if _OVERRIDE.is_file():
-    FAULTS = {int(r): {int(p): f for p, f in faults.items()} for r, faults in json.loads(_OVERRIDE.read_text()).items()}
+# "hang": the client never replies, so the round cannot end: a test kills the run while it waits).
+# Each test writes its schedule to faults.json next to this module: {"round": {"partition": fault}}.
+_SCHEDULE = Path(__file__).with_name("faults.json")
+FAULTS = {int(r): {int(p): f for p, f in faults.items()} for r, faults in json.loads(_SCHEDULE.read_text()).items()}
 
 HANG_SECONDS = 900  # bounded, so a test that forgets to kill the run still ends
 

@@ -3,8 +3,8 @@
 One deployment (module-scoped) serves every test here, to pay the process start-ups once:
 a SuperLink with TLS and SuperNode authentication, and three registered SuperNodes — two with a
 partition of the run config's `dataset.path`, one with only its own local file (`dataset-path`). The
-node-kill test runs last because it leaves two SuperNodes. Every process is killed at the end,
-and the fixture checks that none is left.
+run test (rounds over TLS, then a SuperNode killed) runs last because it leaves two SuperNodes. Every
+process is killed at the end, and the fixture checks that none is left.
 """
 
 from __future__ import annotations
@@ -135,27 +135,16 @@ def test_unregistered_supernode_cannot_join(deployment, tmp_path):
     assert sorted(deployment.online_nodes()) == sorted(registered)
 
 
-def test_a_round_over_tls_with_authenticated_supernodes(deployment, tiny_model, federation_file, tmp_path):
-    """One round (each costs a fresh ClientApp process per node); the slow node-kill test runs two."""
-    result = launch.run_app(
-        REPO_ROOT, deployment_run_config(tiny_model, federation_file, tmp_path / "results", rounds=1),
-        env=deployment.env(), timeout=RUN_TIMEOUT, connection=CONNECTION,
-    )
-    assert result.status == "finished:completed"
-    run_dir = only_run_dir(tmp_path / "results")
-    records = read_metrics(run_dir)
-    assert [r["round"] for r in records] == [1]
-    for record in records:  # carol has no partition keys: she can only reply by training on her own file
-        assert (record["clients_sampled"], record["clients_replied"], record["clients_failed"]) == (3, 3, 0)
-    model = load_checkpoint(tiny_model, run_dir / "peft_1")
-    assert any("lora_B" in name and parameter.abs().sum() > 0 for name, parameter in model.named_parameters())
-
-
 @pytest.mark.slow
-def test_killed_supernode_round_completes_with_the_others(deployment, tiny_model, federation_file, tmp_path):
-    """Runs last: kills bob (SIGKILL, his whole process group) once round 2's instruction reached him.
+def test_rounds_over_tls_with_authenticated_supernodes_complete_when_one_is_killed(
+    deployment, tiny_model, federation_file, tmp_path
+):
+    """Round 1 over TLS with all three authenticated SuperNodes; then, once round 2's instruction
+    reached bob, kills him (SIGKILL, his whole process group), and the round completes with the others.
+    Runs last, as it leaves two SuperNodes; one run for both, as each round costs a fresh ClientApp
+    process per node.
 
-    The round ends when the SuperLink declares bob offline: Flower 1.42's SuperNode sends a heartbeat
+    Round 2 ends when the SuperLink declares bob offline: Flower 1.42's SuperNode sends a heartbeat
     every 17.5-22.5 s for a fixed 30 s interval, and the SuperLink marks a node offline 2 intervals after
     its last one, so that takes 38-60 s after the kill; neither side has a setting for it.
     """
@@ -190,9 +179,12 @@ def test_killed_supernode_round_completes_with_the_others(deployment, tiny_model
     assert outcome["result"].status == "finished:completed"
     run_dir = only_run_dir(output_dir)
     round_1, round_2 = read_metrics(run_dir)
-    assert (round_1["clients_replied"], round_1["clients_failed"]) == (3, 0)
+    # carol has no partition keys: she can only reply by training on her own file
+    assert (round_1["clients_sampled"], round_1["clients_replied"], round_1["clients_failed"]) == (3, 3, 0)
     assert (round_2["clients_sampled"], round_2["clients_replied"], round_2["clients_failed"]) == (3, 2, 1)
     assert digests(peft_1) == before  # what the server had saved is untouched
+    model = load_checkpoint(tiny_model, peft_1)
+    assert any("lora_B" in name and parameter.abs().sum() > 0 for name, parameter in model.named_parameters())
     state = json.loads((run_dir / "peft_2" / "run_state.json").read_text())
     assert [r["round"] for r in state["history"]] == [1, 2]
     load_checkpoint(tiny_model, run_dir / "peft_2")

@@ -1,15 +1,19 @@
-"""Robust aggregation through the real app path: failing and NaN-sending clients.
+"""Robust aggregation and the failure policy through the real app path: failing and NaN-sending clients.
 
 The ClientApp here is tests/fault_app.py (the production train handler plus injected
 faults), run by `flwr run` from a small app folder that differs from the repository's only
-in its clientapp component. 5 SuperNodes, every one trains every round:
+in its clientapp component. One run of 5 SuperNodes, every one trains every round, at most
+2 rounds in a row without an accepted reply (`strategy.max-skipped-rounds`):
 round 1: partition 0 raises, partition 1 replies with a NaN weight -> 3 replies averaged;
-round 2: all five fail or send NaN -> the global adapter is kept;
-round 3: no faults -> training goes on from the kept adapter.
+round 2: all five fail or send NaN -> the global adapter is kept (and saved as scheduled);
+round 3: no faults -> training goes on from the kept adapter;
+rounds 4 and 5: all five fail or send NaN -> the second of them stops the run (`finished:failed`)
+and the last good checkpoint stays the newest.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -45,32 +49,61 @@ def fault_app_dir(tmp_path: Path) -> Path:
     return app_dir
 
 
-def test_failed_and_nan_clients_are_excluded_and_all_bad_keeps_the_adapter(tiny_model, flwr_env, tmp_path, capfd):
-    output_dir = tmp_path / "results"
-    config = smoke_config(tiny_model, output_dir, **{
-        "num-server-rounds": 3, "strategy.fraction-train": 1.0, "train.save-every-round": 1,
+# server round -> partition -> fault; rounds 4 and 5: the odd partitions raise, the even ones send NaN
+FAULT_SCHEDULE = {
+    1: {0: "raise", 1: "nan"},
+    2: {0: "raise", 1: "raise", 2: "raise", 3: "nan", 4: "nan"},
+    **{r: {p: "raise" if p % 2 else "nan" for p in range(NUM_SUPERNODES)} for r in (4, 5)},
+}
+
+
+def run_with_faults(tiny_model, flwr_env, tmp_path, faults: dict, **overrides) -> Path:
+    """Run the fault app with `faults` (see tests/fault_app.py), expect `finished:failed`; return the run folder."""
+    app_dir = fault_app_dir(tmp_path)
+    (app_dir / "faults.json").write_text(json.dumps(faults))
+    results = tmp_path / "results"
+    config = smoke_config(tiny_model, results, **{
+        "strategy.fraction-train": 1.0, "train.save-every-round": 1, **overrides,
     })
-    result = launch.run_app(fault_app_dir(tmp_path), config, num_supernodes=NUM_SUPERNODES, env=flwr_env, timeout=400)
+    with pytest.raises(launch.RunFailed, match="finished:failed"):
+        launch.run_app(app_dir, config, num_supernodes=NUM_SUPERNODES, env=flwr_env, timeout=400)
+    (run_dir,) = run_dirs(results)
+    return run_dir
+
+
+def test_bad_replies_are_excluded_all_bad_rounds_keep_the_adapter_and_too_many_in_a_row_fail_the_run(
+    tiny_model, flwr_env, tmp_path, capfd
+):
+    run_dir = run_with_faults(tiny_model, flwr_env, tmp_path, FAULT_SCHEDULE, **{
+        "num-server-rounds": 6, "strategy.max-skipped-rounds": 2,
+    })
     log = capfd.readouterr().out
-    assert result.status == "finished:completed"
-    (run_dir,) = run_dirs(output_dir)
 
     records = {record["round"]: record for record in read_metrics(run_dir)}
-    assert sorted(records) == [1, 2, 3]
+    assert sorted(records) == [1, 2, 3, 4, 5]  # round 5 stopped the run: round 6 never started
     counts = {r: (x["clients_sampled"], x["clients_failed"], x["clients_rejected"], x["clients_accepted"])
               for r, x in records.items()}
-    assert counts == {1: (5, 1, 1, 3), 2: (5, 3, 2, 0), 3: (5, 0, 0, 5)}
-    assert [records[r]["round_skipped"] for r in (1, 2, 3)] == [False, True, False]
+    assert counts == {1: (5, 1, 1, 3), 2: (5, 3, 2, 0), 3: (5, 0, 0, 5), 4: (5, 2, 3, 0), 5: (5, 2, 3, 0)}
+    assert [records[r]["round_skipped"] for r in (1, 2, 3, 4, 5)] == [False, True, False, True, True]
     assert records[2]["train_loss"] is None and records[3]["train_loss"] is not None
     assert "non-finite values" in log and "Round 2 skipped: no valid reply" in log
 
-    adapters = {r: load_adapter(run_dir / f"peft_{r}") for r in (1, 2, 3)}
+    # round 2 alone was within the allowance; rounds 4 and 5 in a row were not, and only they are summarised
+    assert "Stopping the run: 2 rounds in a row (strategy.max-skipped-rounds = 2) accepted no client reply" in log
+    assert re.search(r"6 x reply rejected: .* has non-finite values", log)  # 3 per round, rounds 4 and 5
+    assert "2 x RuntimeError: injected client failure in round 5" in log
+    assert "2 x RuntimeError: injected client failure in round 4" in log
+
+    # skipped rounds within the allowance are saved as scheduled (the kept adapter); the stopping round is not
+    assert sorted(p.name for p in run_dir.glob("peft_*")) == ["peft_1", "peft_2", "peft_3", "peft_4"]
+    adapters = {r: load_adapter(run_dir / f"peft_{r}") for r in (1, 2, 3, 4)}
     for adapter in adapters.values():
         assert all(torch.isfinite(tensor).all() for tensor in adapter.values())
     trained = [tensor for key, tensor in adapters[1].items() if "lora_B" in key]
     assert any(tensor.abs().sum() > 0 for tensor in trained), "round 1 trained nothing"
     assert all(torch.equal(adapters[2][key], adapters[1][key]) for key in adapters[1]), "round 2 changed the adapter"
     assert any(not torch.equal(adapters[3][key], adapters[2][key]) for key in adapters[2]), "round 3 did not train"
+    assert all(torch.equal(adapters[4][key], adapters[3][key]) for key in adapters[3]), "round 4 changed the adapter"
 
 
 def reply(arrays: dict, metrics: dict, node_id: int = 7, extra_arrays: dict | None = None) -> Message:

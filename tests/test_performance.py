@@ -188,13 +188,16 @@ def test_fp16_transport_sends_and_receives_half_and_averages_in_fp32(monkeypatch
         assert 0.5 < received["float16"][index] / received["float32"][index] < 0.51
 
 
-def test_fp16_transport_through_the_app_halves_traffic_and_keeps_fp32_checkpoints(quantized_fp16_run):
-    result, run_dir = quantized_fp16_run  # 4 SuperNodes, 2 rounds, the base in 4 bits (checked in test_smoke_run.py)
+def test_fp16_transport_through_the_app_halves_traffic_and_keeps_fp32_checkpoints(quantized_frozen_a_fp16_run):
+    # 4 SuperNodes, 2 rounds, the base in 4 bits (test_smoke_run.py), A frozen (test_recipes.py): B alone travels
+    result, run_dir = quantized_frozen_a_fp16_run
     assert result.status == "finished:completed"
     checkpoint = load_file(run_dir / "peft_2" / ADAPTER_WEIGHTS)
     assert {t.dtype for t in checkpoint.values()} == {torch.float32}
-    fp32_bytes = ArrayRecord(OrderedDict(checkpoint)).count_bytes()
-    fp16_bytes = ArrayRecord(OrderedDict((k, v.half()) for k, v in checkpoint.items())).count_bytes()
+    travelling = OrderedDict((k, v) for k, v in checkpoint.items() if ".lora_B." in k)
+    assert travelling and len(travelling) == len(checkpoint) / 2
+    fp32_bytes = ArrayRecord(travelling).count_bytes()
+    fp16_bytes = ArrayRecord(OrderedDict((k, v.half()) for k, v in travelling.items())).count_bytes()
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     for record in records:
@@ -202,7 +205,7 @@ def test_fp16_transport_through_the_app_halves_traffic_and_keeps_fp32_checkpoint
         assert clients == 2 and record["clients_accepted"] == 2
         assert record["mb_sent"] == pytest.approx(fp16_bytes * clients / MB)
         assert record["mb_received"] == pytest.approx(fp16_bytes * clients / MB)
-        assert record["mb_sent"] < 0.52 * fp32_bytes * clients / MB  # half + names/headers (2.6% on this tiny adapter)
+        assert record["mb_sent"] < 0.52 * fp32_bytes * clients / MB  # half + names/headers (3% on this tiny B)
         assert math.isfinite(record["train_loss"])
         assert record["server_base_model_loads"] == 0
         assert set(record["client_time_s"]) == {"model", "data", "setup", "train", "steps", "serialize"}

@@ -1,8 +1,9 @@
 """Recipes: LoRA target modules, FFA-LoRA (frozen A), projected communication, and the presets in configs/.
 
 Target modules and the frozen-A protocol are checked in-process against the same functions the
-ServerApp and ClientApp call; one short real `flwr run` shows frozen A end to end (checkpoints,
-what travels, what is recorded). The presets are parsed as `flwr run --run-config FILE` and
+ServerApp and ClientApp call; the session's shared real `flwr run` with frozen A (4-bit base, fp16
+transport: `quantized_frozen_a_fp16_run` in conftest.py) shows it end to end (checkpoints, what
+travels, what is recorded). The presets are parsed as `flwr run --run-config FILE` and
 the app would, and the leaderboard recipes' communication is projected from the published
 shapes of their models (configs/model-configs.json), without downloading anything.
 """
@@ -243,14 +244,15 @@ def test_frozen_a_resumes_from_its_checkpoint_and_refuses_a_changed_a(tiny_model
         start_run({**run_config, "model.lora.freeze-a": False, "resume.from": str(run.run_dir)})
 
 
-def test_frozen_a_through_flwr_run(run_smoke, tiny_model):
+def test_frozen_a_through_flwr_run(quantized_frozen_a_fp16_run, tiny_model):
     """The real apps: A bit-identical in every checkpoint (and equal to what clients derive), B
-    trained, and the MB recorded per round what B alone costs; the projection matches the total."""
-    result, run_dir = run_smoke(num_supernodes=4, **{
-        "model.lora.freeze-a": True, "num-server-rounds": 2, "train.save-every-round": 1})
+    trained, and the MB recorded per round what B alone costs in fp16; the projection matches the total.
+    The run (4 SuperNodes, 2 rounds, the base in 4 bits, fp16 transport) is shared with test_smoke_run
+    and test_performance."""
+    result, run_dir = quantized_frozen_a_fp16_run
     assert result.status == "finished:completed"
     first, second = (load_file(run_dir / f"peft_{r}" / ADAPTER_WEIGHTS) for r in (1, 2))
-    derived = adapters.frozen_lora_a(ModelConfig(name=str(tiny_model), quantization=0, lora_freeze_a=True))
+    derived = adapters.frozen_lora_a(ModelConfig(name=str(tiny_model), quantization=4, lora_freeze_a=True))
     a_keys = set(derived)
     b_keys = set(first) - a_keys
     assert a_keys and b_keys and set(first) == set(second) == a_keys | b_keys
@@ -258,8 +260,8 @@ def test_frozen_a_through_flwr_run(run_smoke, tiny_model):
     assert all(first[k].abs().sum() > 0 for k in b_keys)
     assert any(not torch.equal(first[k], second[k]) for k in b_keys), "B did not change between rounds"
 
-    b_mb = record_bytes({k: tuple(first[k].shape) for k in b_keys}, "float32") / MB
-    full_mb = record_bytes({k: tuple(first[k].shape) for k in first}, "float32") / MB
+    b_mb = record_bytes({k: tuple(first[k].shape) for k in b_keys}, "float16") / MB
+    full_mb = record_bytes({k: tuple(first[k].shape) for k in first}, "float16") / MB
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     for record in records:

@@ -2,7 +2,8 @@
 with the next commands filled in, Ctrl-C that stops the run, and `--stop`.
 
 Two copies of the app (two checkouts) each run the smoke through the real `flwr run`. Runs are kept
-short (4 SuperNodes; 3 rounds where the output is counted, 1 elsewhere). Every process a checkout's
+short (4 SuperNodes; 3 rounds where the output is counted, 1 elsewhere); checkout B's one smoke fails
+on purpose, so that it also shows how a failed run is reported. Every process a checkout's
 SuperLink started is stopped at the end, and the fixture checks that none is left.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_finance.dev import launch, processes, servers, smoke
+from flowertune_finance.dev import launch, processes, servers
 from flowertune_finance.dev.processes import processes_with_env
 from flowertune_finance.dev.superlink import (
     SMOKE_CONNECTION,
@@ -153,15 +154,37 @@ def test_smoke_output_is_short_and_ends_with_the_next_commands(checkouts, smoke_
     assert log_file.is_file() and len(log_file.read_text().splitlines()) > len(lines)  # the full log is kept
 
 
-def test_two_checkouts_never_share_a_superlink(checkouts, smoke_a):
+def test_two_checkouts_never_share_a_superlink_and_a_failed_run_says_why(checkouts, smoke_a):
+    """Checkout B's smoke runs next to A's SuperLink and fails on purpose, so one run shows both.
+
+    `flwr run --stream` exits 0 when a run fails; the smoke must not. B's pyproject.toml holds a value
+    only trl.SFTConfig rejects: the ServerApp checks it at start, before round 1 and before a run folder
+    exists."""
     app_a, app_b = checkouts
     assert smoke_a[0].returncode == 0, smoke_a[0].stdout
     (app_b / "venv-in-app").mkdir()
     (app_b / "venv-in-app" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    pyproject = app_b / "pyproject.toml"
+    setting = 'train.training-arguments.lr-scheduler-type = "constant"'
+    assert pyproject.read_text().count(setting) == 1
+    pyproject.write_text(pyproject.read_text().replace(setting, setting.replace("constant", "bogus")))
     result = cli("smoke", str(app_b), "--num-supernodes", SUPERNODES, "--rounds", "1")
-    assert result.returncode == 0, result.stdout
-    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    output = result.stdout
+    assert result.returncode == 1, output
+    lines = output.splitlines()
+    warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "venv-in-app" in warnings[0] and "outside the app folder" in warnings[0]
+    # along the way, nothing but the warning, the SuperLink's line and the submission is printed
+    error_at = next((i for i, line in enumerate(lines) if line.startswith("error: ")), len(lines))
+    assert [line.split(" ")[0] for line in lines[:error_at]] == ["warning:", "Private", "Run"], output
+    run_b, log_file = submitted(output)
+    message = "\n".join(lines[error_at:])
+    assert f"run {run_b} ended with status 'finished:failed'" in message
+    assert "'train.training-arguments.lr-scheduler-type' = 'bogus' is not accepted by trl.SFTConfig" in message
+    assert lines[-1] == f"Full log: {log_file}" and log_file.is_file()
+    assert "is not accepted by trl.SFTConfig" in log_file.read_text() and "[ROUND 1" not in log_file.read_text()
+    results = app_b / "results"
+    assert (list(results.iterdir()) if results.is_dir() else []) == []  # no run folder was created
 
     record_a, record_b = PrivateSuperLink(app_a).running(), PrivateSuperLink(app_b).running()
     assert record_a is not None and record_b is not None
@@ -172,7 +195,7 @@ def test_two_checkouts_never_share_a_superlink(checkouts, smoke_a):
         assert servers.owns_listener(record.pid, record.port)  # each port is held by that checkout's SuperLink
         assert record.port not in (39091, 39093)  # never Flower's shared default ports
     # each run is known only to its own checkout's SuperLink
-    run_a, run_b = submitted(smoke_a[0].stdout)[0], submitted(result.stdout)[0]
+    run_a = submitted(smoke_a[0].stdout)[0]
     assert run_ids(app_a) == [run_a]
     assert run_ids(app_b) == [run_b]
     for app in (app_a, app_b):  # each run's app bundle was installed into its own checkout's Flower home
@@ -294,33 +317,3 @@ def test_a_foreign_listener_answering_health_is_not_taken_for_ours():
     finally:
         server.shutdown()
         server.server_close()
-
-
-def test_a_failed_run_is_reported_with_its_reason(checkouts):
-    """`flwr run --stream` exits 0 when a run fails; the smoke must not. The bad value is one only
-    trl.SFTConfig rejects: the ServerApp checks it at start, before round 1 and before a run folder exists.
-
-    Runs on checkout B (its SuperLink and tiny model are reused when its smoke ran before; started or
-    built here otherwise)."""
-    superlink = PrivateSuperLink(checkouts[1])
-    results = superlink.app_dir / "results"
-    try:
-        superlink.ensure()
-        model = launch.ensure_tiny_model(superlink.folder / "tiny-model")
-        run_config = launch.smoke_run_config(superlink.app_dir, model, rounds=1)
-        run_config["train.training-arguments.lr-scheduler-type"] = "bogus"
-        runs_before = sorted(results.iterdir()) if results.is_dir() else []
-        shown: list[str] = []
-        with pytest.raises(launch.RunFailed) as failure:
-            smoke.run_smoke(superlink, run_config, num_supernodes=4, say=shown.append)
-    finally:
-        superlink.stop()
-    message = str(failure.value)
-    assert "finished:failed" in message
-    assert "'train.training-arguments.lr-scheduler-type' = 'bogus' is not accepted by trl.SFTConfig" in message
-    log_file = Path(message.splitlines()[-1][10:])
-    assert message.splitlines()[-1].startswith("Full log: ") and log_file.is_file()
-    assert "is not accepted by trl.SFTConfig" in log_file.read_text() and "[ROUND 1" not in log_file.read_text()
-    assert (sorted(results.iterdir()) if results.is_dir() else []) == runs_before  # no run folder was created
-    assert len(shown) == 1 and shown[0].startswith("Run ")  # nothing else was printed along the way
-    assert processes_with_env(SUPERLINK_MARKER, str(superlink.app_dir)) == []

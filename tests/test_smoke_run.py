@@ -49,8 +49,8 @@ def test_smoke_run_50_supernodes_writes_loadable_peft_3(smoke_run, tiny_model):
     assert state["communication_mb"] == pytest.approx(sum(r["mb_sent"] + r["mb_received"] for r in records))
 
 
-def test_smoke_run_in_4bit_on_cpu(quantized_fp16_run, tiny_model):
-    result, run_dir = quantized_fp16_run  # shared with the fp16 transport test (test_performance.py)
+def test_smoke_run_in_4bit_on_cpu(quantized_frozen_a_fp16_run, tiny_model):
+    result, run_dir = quantized_frozen_a_fp16_run  # shared with the fp16 (test_performance) and frozen-A (test_recipes) tests
     assert result.status == "finished:completed"
     assert json.loads((run_dir / "run_config.json").read_text())["model.quantization"] == 4
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]

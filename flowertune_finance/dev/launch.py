@@ -90,7 +90,7 @@ def run_app(
     connection: str | None = None,
     client_resources: Mapping[str, float] | None = None,
 ) -> RunResult:
-    """Submit the app with `flwr run`, stream its log, and return its final status.
+    """Submit the app with `flwr run`, follow its log (shown when `stream`), and return its final status.
 
     `client_resources` (simulation only), e.g. `{"num-cpus": 4, "num-gpus": 1}`: what each
     ClientApp gets; Ray hides the GPU from clients that ask for none. Without a `connection`, `env`
@@ -123,11 +123,8 @@ def run_app(
         raise RunFailed(f"`flwr run` did not start the run:\n{submitted.stdout}\n{submitted.stderr}")
     where = [connection] if connection else []
     if stream:
-        try:
-            subprocess.run([flwr, "log", str(run_id), *where, "--stream"], check=False, env=env, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    status = wait_for_run(run_id, env, deadline=started + timeout, where=where)
+        follow_log(run_id, env, deadline=started + timeout, where=where, show=True)
+    status = wait_for_run(run_id, env, deadline=started + timeout, where=where, follow=not stream)
     result = RunResult(run_id=run_id, status=status, wall_time_s=time.time() - started)
     if status != "finished:completed":
         raise RunFailed(f"run {run_id} ended with status {status!r}; see `flwr log {run_id} --show`")
@@ -162,8 +159,33 @@ def run_status(run_id: int, env: Mapping[str, str], where: list[str] | None = No
     return str(record["status"]) if record else "unknown"
 
 
-def wait_for_run(run_id: int, env: Mapping[str, str], deadline: float, where: list[str] | None = None) -> str:
-    """Poll until the run has finished (or the deadline passes); return its status."""
+def follow_log(
+    run_id: int, env: Mapping[str, str], deadline: float, where: list[str] | None = None, show: bool = False
+) -> None:
+    """Block on one `flwr log RUN_ID --stream` until the SuperLink closes the stream (it does once the
+    run is finished) or the deadline passes; the log goes to stdout when `show`, else nowhere.
+    One process for the whole run: polling `flwr ls` instead starts a fresh Python process every time."""
+    output = None if show else subprocess.DEVNULL
+    try:
+        subprocess.run(
+            [flwr_executable(), "log", str(run_id), *(where or []), "--stream"], check=False, env=dict(env),
+            stdout=output, stderr=output, timeout=max(deadline - time.time(), 1.0),
+        )
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def wait_for_run(
+    run_id: int, env: Mapping[str, str], deadline: float, where: list[str] | None = None, follow: bool = True
+) -> str:
+    """Wait until the run has finished (or the deadline passes); return its status.
+
+    With `follow`, first sits on the run's log stream (`follow_log`, silent) until it ends; pass
+    `follow=False` when the caller has already followed it. Then asks the SuperLink for the status
+    (`flwr ls`), at most once a second, until it reads finished: a stream cut short (a lost connection)
+    ends the wait no sooner than polling would."""
+    if follow:
+        follow_log(run_id, env, deadline, where)
     while True:
         status = run_status(run_id, env, where)
         if status.startswith("finished") or time.time() > deadline:

@@ -164,7 +164,9 @@ def run_smoke(
     watcher = _LogWatcher(log_file, verbose, say)
     try:
         _follow_log(flwr, run_id, where, env, watcher, deadline=started + timeout)
-        status = wait_for_run(run_id, env, deadline=max(started + timeout, time.time() + 30), where=where)
+        status = wait_for_run(
+            run_id, env, deadline=max(started + timeout, time.time() + 30), where=where, follow=False
+        )
     except KeyboardInterrupt:
         with signals_ignored():
             status = _stop(superlink, run_id, env, where)
