@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
+from peft.utils.constants import CONFIG_NAME as ADAPTER_CONFIG
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from flowertune_finance.metrics import METRICS_FILE, RUN_CONFIG, append_metrics
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_STATE = "run_state.json"
 CHECKPOINT_PATTERN = re.compile(r"^peft_(\d+)$")
 NAME_ATTEMPTS = 1000  # `<stamp>`, `<stamp>-1`, ...: far more writers than can start within one second

@@ -22,11 +22,13 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flowertune_finance.leaderboard import STATIC_DATASET_NAME
 from flowertune_finance.prompts import PROMPT_FORMATS
 from flowertune_finance.settings import Setting, at_least, below_one, declared_settings, markdown_table, one_of, setting
 from flowertune_finance.strategies import STRATEGIES
 
 QUANTIZATIONS = (0, 4, 8)
+# torch dtype names (`getattr(torch, name)`): what the base layers compute in, and what travels either way
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TRANSPORT_DTYPES = ("float32", "float16")
 TRAINING_ARGUMENTS_PREFIX = "train.training-arguments."
@@ -157,7 +159,7 @@ class AppConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     num_server_rounds: int = setting("num-server-rounds", 200, "federated rounds", *at_least(1))
-    dataset_name: str = setting("static.dataset.name", "flwrlabs/fingpt-sentiment-train",
+    dataset_name: str = setting("static.dataset.name", STATIC_DATASET_NAME,
                                 "fixed by the leaderboard (the static section)", "a hub data set id", bool)
     dataset_path: str = setting("dataset.path", "", "a local JSON/JSONL/Parquet file in the fingpt schema instead "
                                 "of the hub data", "a local .json, .jsonl or .parquet file, or empty")

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from peft.utils.constants import WEIGHTS_NAME
 
 from flowertune_finance.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from flowertune_finance.leaderboard import MAX_LENGTH, SEED
@@ -25,7 +26,7 @@ from flowertune_finance.models import quantization_config, use_cuda
 
 FAST_MAX_NEW_TOKENS = 8  # enough for "moderately positive" in Mistral's vocabulary
 MODES = ("protocol", "fast")
-ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_model.bin")
+ADAPTER_FILES = (ADAPTER_WEIGHTS, WEIGHTS_NAME)  # PEFT's file names: safetensors, or the older pickle
 # The leaderboard's dtype per quantization (4-bit computes in fp32 there); 0 is ours (no quantization).
 DTYPES = {4: torch.float32, 8: torch.float16, 0: torch.float32}
 # What two base models must share for an adapter of one to be scored on the other.

@@ -34,9 +34,6 @@ def use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def target_modules(model_config: ModelConfig) -> str | list[str] | None:
     """`model.lora.target-modules` as PEFT takes it: None (its default for the architecture, as
     upstream), "all-linear" (every linear layer but the output head), or a list of names."""
@@ -80,7 +77,7 @@ def quantization_config(bits: int, compute_dtype: str = "float32"):
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=DTYPES[compute_dtype])
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     if bits == 0:
@@ -94,7 +91,7 @@ def load_dtype(model_config: ModelConfig) -> torch.dtype:
     A quantized model loads in bf16 as the reference does (`prepare_model_for_kbit_training`
     then casts every non-quantized weight to fp32); an unquantized one in its compute dtype.
     """
-    return torch.bfloat16 if model_config.quantization else DTYPES[model_config.compute_dtype]
+    return torch.bfloat16 if model_config.quantization else getattr(torch, model_config.compute_dtype)
 
 
 def load_base_model(model_config: ModelConfig):

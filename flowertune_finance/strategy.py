@@ -31,12 +31,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from flowertune_finance.communication import MB, MIN_TRAIN_NODES
-from flowertune_finance.config import ConfigError, StrategyConfig
+from flowertune_finance.config import TRANSPORT_DTYPES, ConfigError, StrategyConfig
 from flowertune_finance.leaderboard import COMMUNICATION_BUDGET_MB
 from flowertune_finance.metrics import ReplyMetric
 from flowertune_finance.strategies import STRATEGIES
-
-FLOAT_DTYPES = ("float32", "float16")  # what may travel, either way
 
 
 @dataclass
@@ -71,8 +69,8 @@ def reply_problem(reply: ArrayRecord, expected: ArrayRecord) -> str | None:
     if extra:
         return f"unexpected array(s), e.g. {extra[0]}"
     for key, array in reply.items():
-        if array.dtype not in FLOAT_DTYPES:
-            return f"{key} has dtype {array.dtype}; allowed: {', '.join(FLOAT_DTYPES)}"
+        if array.dtype not in TRANSPORT_DTYPES:
+            return f"{key} has dtype {array.dtype}; allowed: {', '.join(TRANSPORT_DTYPES)}"
         if tuple(array.shape) != tuple(expected[key].shape):
             return f"{key} has shape {tuple(array.shape)}, expected {tuple(expected[key].shape)}"
         if not np.isfinite(array.numpy()).all():
@@ -152,10 +150,10 @@ class FlowerTuneMixin:
     ) -> None:
         """`round_offset`: the rounds a resumed run already trained, `communication_mb` what they cost;
         `flower_options` go to the Flower strategy behind the mixin."""
-        if transport_dtype not in FLOAT_DTYPES:
+        if transport_dtype not in TRANSPORT_DTYPES:
             raise ConfigError(
                 f"run config 'train.transport-dtype' = {transport_dtype!r} is not allowed; "
-                f"allowed: {', '.join(FLOAT_DTYPES)}"
+                f"allowed: {', '.join(TRANSPORT_DTYPES)}"
             )
         super().__init__(**flower_options)
         self.round_offset = round_offset

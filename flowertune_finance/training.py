@@ -27,8 +27,6 @@ from flowertune_finance.prompts import PROMPT_FORMATS
 from flowertune_finance.training_arguments import sft_arguments
 from flowertune_finance.worker_cache import WORKER_CACHE
 
-TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
 
 def with_labels(examples, seq_length: int):
     """`input_ids` + `labels` (-100 outside the completion), truncated to `seq_length`.
@@ -170,7 +168,7 @@ def train_adapter(
     result, train_tokens = fit(config, model, adapter, examples, tokenizer, learning_rate, server_round,
                                proximal_mu, freeze_a, timings)
     with timed(timings, ReplyMetric.time("serialize")):
-        new_adapter = adapters.get_adapter_state(model, TRANSPORT_DTYPES[config.train.transport_dtype])
+        new_adapter = adapters.get_adapter_state(model, getattr(torch, config.train.transport_dtype))
         if freeze_a:  # A never changed and never travels
             new_adapter = adapters.split_frozen(new_adapter)[1]
     metrics: dict[str, float] = {
