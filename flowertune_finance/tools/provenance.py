@@ -26,7 +26,7 @@ from flowertune_finance.tools.run_folder import (
     check_rounds,
     check_static,
     planned_rounds,
-    read_json,
+    read_json_object,
     read_rounds,
     read_run_config,
 )
@@ -120,9 +120,7 @@ def read_accuracies(eval_dir: Path, run_name: str, checkpoint: Path | str, probl
 def check_evaluation(path: Path, checkpoint: Path | None, sha256: str | None, accuracies: dict[str, float],
                      problems: list[str]) -> dict[str, Any] | None:
     """Check `eval`'s summary: protocol mode, 4-bit, and the submitted checkpoint's exact adapter bytes."""
-    summary, error = read_json(path)
-    if error is None and not isinstance(summary, dict):
-        error = f"{path} holds a JSON {type(summary).__name__}, not an evaluation summary"
+    summary, error = read_json_object(path, "an evaluation summary")
     if error is not None:
         problems.append(f"{error}: the accuracies' provenance cannot be checked")
         return None

@@ -33,6 +33,14 @@ def read_json(path: Path) -> tuple[Any, str | None]:
         return None, f"{path} is not valid JSON ({error})"
 
 
+def read_json_object(path: Path, expected: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON file that must hold an object (`expected` says which, for the message), or why it does not."""
+    data, error = read_json(path)
+    if error is None and not isinstance(data, dict):
+        error = f"{path} holds a JSON {type(data).__name__}, not {expected}"
+    return (data, None) if error is None else (None, error)
+
+
 def rounds_text(rounds: list[Any]) -> str:
     """`1-3, 5, 7-8`: consecutive integer rounds folded into ranges."""
     parts: list[str] = []
@@ -53,9 +61,7 @@ def read_run_config(run_dir: Path, problems: list[str]) -> dict[str, Any] | None
     if not path.is_file():
         problems.append(f"{RUN_CONFIG} is missing: the run's settings cannot be checked")
         return None
-    data, error = read_json(path)
-    if error is None and not isinstance(data, dict):
-        error = f"{path} holds a JSON {type(data).__name__}, not a mapping of run-config keys"
+    data, error = read_json_object(path, "a mapping of run-config keys")
     if error is not None:
         problems.append(f"{error}: the run's settings cannot be checked")
         return None
