@@ -8,6 +8,18 @@ SuperLink the developer has running, and every process started under that FLWR_H
 
 from __future__ import annotations
 
+import os
+
+# One torch/OpenMP thread per process, set before anything imports torch and inherited by every process
+# a test starts (SuperLinks, simulations, Ray workers): the suite runs three workers and their runs on a
+# 2-core machine, where each process's own thread pool only adds spinning threads that compete for the
+# same cores (the suite measured 510 s with the default, 477 s with one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,25 +27,33 @@ from typing import Any
 import pytest
 
 from flowertune_finance.dev import launch
-from flowertune_finance.dev.processes import kill_processes_with_env, private_flwr_env
+from flowertune_finance.dev.processes import kill_processes_with_env, private_flwr_env, processes_with_env
+from flowertune_finance.dev.superlink import SMOKE_CONNECTION, SUPERLINK_MARKER, PrivateSuperLink
 from flowertune_finance.dev.tiny import build_tiny_model
+from flowertune_finance.tools import hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Tests that share an expensive fixture run on one worker when the suite runs in parallel
 # (pytest-xdist, `--dist loadgroup`), so the fixture is built once; the rest spread out.
 SHARED_FIXTURE_GROUPS = {
-    "smoke_run": "smoke-run",
+    "checkouts": "checkouts",
+    "smoke_run": "checkouts",  # checkout A's smoke
     "quantized_frozen_a_fp16_run": "quantized-frozen-a-fp16-run",
     "deployment": "deployment",
-    "checkouts": "checkouts",
 }
+APP_FILES = ("pyproject.toml", "README.md", ".gitignore", "LICENSE", "flowertune_finance")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Modules with minutes-long tests first, each in its own order, so parallel workers do not end on them.
-    long_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow") or item.get_closest_marker("ray")}
+    # Tests of a shared run count as long: their group goes to one worker as a whole.
+    def shares_a_run(item: pytest.Item) -> bool:
+        return any(name in getattr(item, "fixturenames", ()) for name in SHARED_FIXTURE_GROUPS)
+
+    long_modules = {item.module.__name__ for item in items
+                    if item.get_closest_marker("slow") or item.get_closest_marker("ray") or shares_a_run(item)}
     items.sort(key=lambda item: item.module.__name__ not in long_modules)
     for item in items:
         groups = {group for name, group in SHARED_FIXTURE_GROUPS.items() if name in getattr(item, "fixturenames", ())}
@@ -90,15 +110,74 @@ def run_smoke(tiny_model: Path, flwr_env: dict[str, str], tmp_path: Path):
     return run
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tiny_model: Path, flwr_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """The README's smoke run (50 SuperNodes, 3 rounds), run once per session and shared read-only.
+def copy_app(destination: Path) -> Path:
+    """A checkout of the app: the files `flwr run` needs (the package, pyproject.toml, .gitignore)."""
+    destination.mkdir(parents=True)
+    for name in APP_FILES:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.is_file():
+            shutil.copy2(source, destination / name)
+    return destination
 
-    Tests that only inspect a finished run (checkpoints, metrics, evaluation, plots,
-    submission) use this instead of paying for a run of their own. Do not modify its folder:
-    copy it first.
+
+def smoke_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`flowertune-finance ARGS` as a user types it (stdout and stderr together)."""
+    return subprocess.run(
+        [sys.executable, "-m", "flowertune_finance.cli", *args], cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False,
+    )
+
+
+def submitted(output: str) -> tuple[int, Path]:
+    """The run id and full-log file from the smoke's "Run N submitted ...; Full log: FILE" line."""
+    line = next((line for line in output.splitlines() if line.startswith("Run ") and " submitted (" in line), "")
+    assert line, f"no run was submitted:\n{output}"
+    return int(line.split()[1]), Path(line.split("Full log: ")[1].strip())
+
+
+def value_after(output: str, prefix: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith(prefix)]
+    assert lines, f"no line starting with {prefix!r} in:\n{output}"
+    return lines[-1][len(prefix):].strip()
+
+
+@pytest.fixture(scope="session")
+def checkouts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """Two copies of the app, each with its own private SuperLink once it runs a smoke: A holds exactly the
+    files `flwr app publish` uploads (what `flwr new @account/app` unpacks), B the repository's app files.
+    Every process their SuperLinks started must be gone at the end."""
+    with hub.staged_app(REPO_ROOT, parent=tmp_path_factory.mktemp("checkout-a")) as app_a:
+        apps = (app_a, copy_app(tmp_path_factory.mktemp("checkout-b") / "app"))
+        yield apps
+        for app in apps:
+            PrivateSuperLink(app).stop()
+            assert processes_with_env(SUPERLINK_MARKER, str(app)) == [], f"processes of {app} outlived the tests"
+
+
+@pytest.fixture(scope="session")
+def smoke_a(checkouts: tuple[Path, Path]) -> tuple[subprocess.CompletedProcess, float, str]:
+    """The README's smoke, `flowertune-finance smoke`, in checkout A (50 SuperNodes, 3 rounds): the
+    command's output, its wall time, and the run's final status as A's SuperLink reports it."""
+    started = time.time()
+    result = smoke_cli("smoke", str(checkouts[0]))
+    wall_time = time.time() - started
+    run_id, _ = submitted(result.stdout)
+    return result, wall_time, launch.run_status(run_id, PrivateSuperLink(checkouts[0]).cli_env(), [SMOKE_CONNECTION])
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_a) -> tuple[launch.RunResult, Path]:
+    """Checkout A's smoke as (result, run folder), shared read-only.
+
+    Tests that only inspect a finished run (checkpoints, metrics, evaluation, plots, submission)
+    use this instead of paying for a run of their own. Do not modify its folder: copy it first.
     """
-    return _run(tiny_model, flwr_env, tmp_path_factory.mktemp("smoke") / "results", launch.NUM_SUPERNODES, 600)
+    process, wall_time, status = smoke_a
+    assert process.returncode == 0, process.stdout
+    run_id, _ = submitted(process.stdout)
+    return launch.RunResult(run_id, status, wall_time), Path(value_after(process.stdout, "Run folder:"))
 
 
 @pytest.fixture(scope="session")

@@ -242,8 +242,9 @@ def test_fast_mode_does_not_depend_on_batching(loaded_tiny, eval_data):
     assert full.startswith(early.rstrip("\ufffd")) and len(full) > len(early)
 
 
-def test_eval_cli_end_to_end_on_the_smoke_checkpoint(smoke_run, tiny_model, long_eval_data, tmp_path):
+def test_eval_cli_end_to_end_on_the_smoke_checkpoint(smoke_run, long_eval_data, tmp_path):
     _, smoke_dir = smoke_run
+    tiny_model = json.loads((smoke_dir / "run_config.json").read_text())["model.name"]  # the smoke's base model
     run_dir = tmp_path / "run"  # a copy: the shared smoke run stays untouched; results go to run_dir/eval
     shutil.copytree(smoke_dir / "peft_3", run_dir / "peft_3")
     command = Path(sys.executable).with_name("flowertune-finance")

@@ -1,18 +1,18 @@
 """Flower Hub readiness: Flower's own publish checks pass offline, and the published file set runs on its own.
 
-`flwr new @account/app` unpacks exactly the files `flwr app publish` uploaded, so the second test runs the
-CPU smoke from a folder holding only those files.
+`flwr new @account/app` unpacks exactly the files `flwr app publish` uploaded, so the README's CPU smoke
+runs from a folder holding only those files (checkout A of conftest.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from flowertune_finance.cli import main
-from flowertune_finance.dev import launch, processes
 from flowertune_finance.tools import hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -117,25 +117,20 @@ def test_hub_check_warns_about_links_to_files_that_are_not_uploaded(app_copy):
     assert not [w for w in warnings if "LICENSE" in w or "flower.ai" in w or "data/README.md" in w]
 
 
-def test_published_files_alone_run_the_smoke(tiny_model, tmp_path, monkeypatch):
-    """What `flwr new` unpacks (the publish filter's output, nothing else) runs the app to completion."""
+def test_published_files_alone_run_the_smoke(checkouts, smoke_run):
+    """What `flwr new` unpacks (the publish filter's output, nothing else) runs the README's smoke to
+    completion: checkout A holds just those files, and `smoke_run` is its smoke (conftest.py)."""
+    app = checkouts[0]
     kept, skipped = hub.publishable_files(REPO_ROOT)
-    with hub.staged_app(REPO_ROOT, parent=tmp_path) as app:
-        unpacked = {path.relative_to(app).as_posix() for path in app.rglob("*") if path.is_file()}
-        assert unpacked == set(kept)
-        assert not any((app / rel).exists() for rel in skipped)
-        assert (app / SAMPLE_DATA).is_file()
-
-        config = launch.smoke_run_config(app, tiny_model, rounds=1)
-        config["dataset.path"] = str(app / SAMPLE_DATA)  # the unpacked copy, not the repository's
-        monkeypatch.chdir(app)  # `flwr run .` from the unpacked folder
-        with processes.isolated_flwr() as env:
-            env["PYTHONPATH"] = ""  # nothing from the repository on the import path
-            result = launch.run_app(".", config, num_supernodes=4, env=env, timeout=600)
-        assert result.status == "finished:completed"
-        assert (app / "results").is_dir()
-        run_dirs = [p for p in (app / "results").iterdir() if p.is_dir()]
-        assert len(run_dirs) == 1 and (run_dirs[0] / "peft_1" / "adapter_config.json").is_file()
+    made_by_the_smoke = (".smoke", "results")  # its tiny model, private Flower home and logs; the run folder
+    unpacked = {path.relative_to(app).as_posix() for path in app.rglob("*")
+                if path.is_file() and path.relative_to(app).parts[0] not in made_by_the_smoke}
+    assert unpacked == set(kept)
+    assert not any((app / rel).exists() for rel in skipped if Path(rel).parts[0] not in made_by_the_smoke)
+    result, run_dir = smoke_run
+    assert result.status == "finished:completed"
+    assert run_dir.parent == app / "results" and (run_dir / "peft_3" / "adapter_config.json").is_file()
+    assert json.loads((run_dir / "run_config.json").read_text())["dataset.path"] == str(app / SAMPLE_DATA)
 
 
 def test_hub_check_warns_when_the_folder_is_not_named_like_the_app(app_copy):

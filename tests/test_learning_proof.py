@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from flowertune_finance.dev import proof, synthetic
-from flowertune_finance.dev.processes import isolated_flwr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -22,7 +21,7 @@ CHANCE_CEILING = 0.60  # the base knows the answer format, not the mapping
 
 
 @pytest.mark.slow
-def test_federated_lora_learns_the_heldout_task(tmp_path):
+def test_federated_lora_learns_the_heldout_task(flwr_env, tmp_path):
     size = proof.SIZES["ci"]
     base = tmp_path / "base"
     proof.pretrain_tiny_base(
@@ -34,10 +33,9 @@ def test_federated_lora_learns_the_heldout_task(tmp_path):
 
     before = proof.score_heldout(base, None, eval_dir, tmp_path / "scores", "base")
     config = proof.proof_run_config(base, train_file, tmp_path / "runs", size.rounds, "answer", "fedavg")
-    # Its own SuperLink, so the workers run with one torch thread: on a busy 2-core machine two
-    # threads thrash (measured 45 s vs 8 s per round); for this tiny model one is as fast.
-    with isolated_flwr() as env:
-        _, checkpoint = proof.train_federated(REPO_ROOT, config, {**env, "OMP_NUM_THREADS": "1"}, timeout=900)
+    # The session's SuperLink, whose workers run with one torch thread (conftest.py): on a busy 2-core machine
+    # two threads thrash (measured 45 s vs 8 s per round); for this tiny model one is as fast.
+    _, checkpoint = proof.train_federated(REPO_ROOT, config, flwr_env, timeout=900)
     after = proof.score_heldout(base, checkpoint, eval_dir, tmp_path / "scores", "after")
     samples = proof.sample_generations(base, checkpoint, eval_dir)
 

@@ -1,17 +1,17 @@
 """`flowertune-finance smoke` as a newcomer meets it: a private SuperLink per checkout, quiet output
 with the next commands filled in, Ctrl-C that stops the run, and `--stop`.
 
-Two copies of the app (two checkouts) each run the smoke through the real `flwr run`. Runs are kept
-short (4 SuperNodes; 3 rounds where the output is counted, 1 elsewhere); checkout B's one smoke fails
-on purpose, so that it also shows how a failed run is reported. Every process a checkout's
-SuperLink started is stopped at the end, and the fixture checks that none is left.
+Two copies of the app (two checkouts, see conftest.py) each run the smoke through the real `flwr run`.
+Checkout A holds only the files the Hub stores, and its smoke is the README's (50 SuperNodes, 3 rounds),
+shared with the tests that inspect a finished run (`smoke_run`). Checkout B's one smoke fails on purpose,
+so that it also shows how a failed run is reported; the other runs are kept short (4 SuperNodes). Every
+process a checkout's SuperLink started is stopped at the end, and the fixture checks that none is left.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +21,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-import pytest
+from conftest import smoke_cli, submitted, value_after
 
 from flowertune_finance.dev import launch, processes, servers
 from flowertune_finance.dev.processes import processes_with_env
@@ -35,29 +35,8 @@ from flowertune_finance.dev.superlink import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-APP_FILES = ("pyproject.toml", "README.md", ".gitignore", "LICENSE", "flowertune_finance")
 SUPERNODES = "4"
-RUN_TIMEOUT = 900  # a loaded 2-core machine; a quiet one needs a fraction of this
 MAX_OUTPUT_LINES = 40
-
-
-def copy_app(destination: Path) -> Path:
-    """A checkout of the app: the files `flwr run` needs (the package, pyproject.toml, .gitignore)."""
-    destination.mkdir(parents=True)
-    for name in APP_FILES:
-        source = REPO_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif source.is_file():
-            shutil.copy2(source, destination / name)
-    return destination
-
-
-def cli(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flowertune_finance.cli", *args], cwd=REPO_ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False,
-    )
 
 
 def run_ids(app: Path) -> list[int]:
@@ -68,12 +47,6 @@ def run_ids(app: Path) -> list[int]:
         env=superlink.cli_env(), capture_output=True, text=True, timeout=60, check=False,
     )
     return sorted(int(run["run-id"]) for run in json.loads(listed.stdout)["runs"])
-
-
-def submitted(output: str) -> tuple[int, Path]:
-    """The run id and full-log file from the smoke's "Run N submitted ...; Full log: FILE" line."""
-    line = next(line for line in output.splitlines() if line.startswith("Run ") and " submitted (" in line)
-    return int(line.split()[1]), Path(line.split("Full log: ")[1].strip())
 
 
 def simulation_pids(app: Path) -> list[int]:
@@ -105,32 +78,9 @@ def strays(app: Path, superlink_pid: int) -> list[int]:
     return sorted(pid for pid in ours if pid != superlink_pid and processes.parent(pid) not in ours)
 
 
-def value_after(output: str, prefix: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith(prefix)]
-    assert lines, f"no line starting with {prefix!r} in:\n{output}"
-    return lines[-1][len(prefix):].strip()
-
-
-@pytest.fixture(scope="module")
-def checkouts(tmp_path_factory: pytest.TempPathFactory):
-    apps = (copy_app(tmp_path_factory.mktemp("checkout-a") / "app"), copy_app(tmp_path_factory.mktemp("checkout-b") / "app"))
-    yield apps
-    for app in apps:
-        PrivateSuperLink(app).stop()
-        assert processes_with_env(SUPERLINK_MARKER, str(app)) == [], f"processes of {app} outlived the tests"
-
-
-@pytest.fixture(scope="module")
-def smoke_a(checkouts) -> tuple[subprocess.CompletedProcess, float]:
-    """Checkout A's default smoke (3 rounds), on 4 SuperNodes."""
-    started = time.time()
-    result = cli("smoke", str(checkouts[0]), "--num-supernodes", SUPERNODES)
-    return result, time.time() - started
-
-
 def test_smoke_output_is_short_and_ends_with_the_next_commands(checkouts, smoke_a):
     app = checkouts[0]
-    result, _ = smoke_a
+    result = smoke_a[0]
     output = result.stdout
     assert result.returncode == 0, output
     lines = output.splitlines()
@@ -139,6 +89,8 @@ def test_smoke_output_is_short_and_ends_with_the_next_commands(checkouts, smoke_
         "round 1/3", "round 2/3", "round 3/3"]
     assert "Traceback" not in output and "WARNING" not in output
     assert "Private SuperLink of this checkout started on 127.0.0.1:" in lines[0] and "--stop" in lines[0]
+    run_id, log_file = submitted(output)
+    assert f"Run {run_id} submitted (50 SuperNodes)" in output and smoke_a[2] == "finished:completed"
 
     run_dir = Path(value_after(output, "Run folder:"))
     checkpoint = Path(value_after(output, "Final checkpoint:"))
@@ -150,7 +102,6 @@ def test_smoke_output_is_short_and_ends_with_the_next_commands(checkouts, smoke_
     assert f"flowertune-finance plot {run_dir}" in output
     assert f"flowertune-finance submit {run_dir} --app-dir {app}" in output
     assert lines[-1].strip().startswith(f"flowertune-finance smoke --stop {app}")
-    _, log_file = submitted(output)
     assert log_file.is_file() and len(log_file.read_text().splitlines()) > len(lines)  # the full log is kept
 
 
@@ -168,7 +119,7 @@ def test_two_checkouts_never_share_a_superlink_and_a_failed_run_says_why(checkou
     setting = 'train.training-arguments.lr-scheduler-type = "constant"'
     assert pyproject.read_text().count(setting) == 1
     pyproject.write_text(pyproject.read_text().replace(setting, setting.replace("constant", "bogus")))
-    result = cli("smoke", str(app_b), "--num-supernodes", SUPERNODES, "--rounds", "1")
+    result = smoke_cli("smoke", str(app_b), "--num-supernodes", SUPERNODES, "--rounds", "1")
     output = result.stdout
     assert result.returncode == 1, output
     lines = output.splitlines()
@@ -257,14 +208,14 @@ def test_stop_stops_only_that_checkouts_superlink(checkouts, smoke_a):
     app_a, app_b = checkouts
     record_a = PrivateSuperLink(app_a).running()
     assert record_a is not None
-    result = cli("smoke", str(app_a), "--stop", timeout=120)
+    result = smoke_cli("smoke", str(app_a), "--stop", timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == f"Stopped the private SuperLink of {app_a} (pid {record_a.pid})."
     assert processes_with_env(SUPERLINK_MARKER, str(app_a)) == []
     assert not (app_a / ".smoke" / "superlink.json").exists()
     record_b = PrivateSuperLink(app_b).running()
     if record_b is not None:  # B's own test ran: its SuperLink is untouched
         assert healthy(record_b.port)
-    assert cli("smoke", str(app_a), "--stop", timeout=120).stdout.strip() == (
+    assert smoke_cli("smoke", str(app_a), "--stop", timeout=120).stdout.strip() == (
         f"No private SuperLink is running for {app_a}.")
 
 

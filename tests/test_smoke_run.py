@@ -22,12 +22,12 @@ def _load_checkpoint(tiny_model, checkpoint):
     return PeftModel.from_pretrained(base, checkpoint)
 
 
-def test_smoke_run_50_supernodes_writes_loadable_peft_3(smoke_run, tiny_model):
+def test_smoke_run_50_supernodes_writes_loadable_peft_3(smoke_run):
     result, run_dir = smoke_run
     assert result.status == "finished:completed"
     checkpoint = run_dir / "peft_3"
     assert (checkpoint / "adapter_config.json").is_file()
-    model = _load_checkpoint(tiny_model, checkpoint)
+    model = _load_checkpoint(json.loads((run_dir / "run_config.json").read_text())["model.name"], checkpoint)
     saved = load_file(checkpoint / ADAPTER_WEIGHTS)
     loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
     assert set(saved) == set(loaded)

@@ -233,13 +233,20 @@ def ensure_tiny_model(folder: Path, architecture: str = "mistral") -> Path:
     return folder
 
 
+def sample_data(app_dir: str | Path) -> Path:
+    """The sample data of the app folder (a checkout, an app unpacked from the Hub) when it holds them,
+    else this package's: a smoke reads the files of the app it runs."""
+    own = Path(app_dir) / SAMPLE_DATA.relative_to(PACKAGE_DIR.parents[1])
+    return own if own.is_file() else SAMPLE_DATA
+
+
 def smoke_run_config(app_dir: Path, model_dir: Path, quantization: int = 0, rounds: int = 3) -> dict[str, Any]:
-    """The CPU smoke's run config: tiny model, bundled sample data, results under the app folder."""
+    """The CPU smoke's run config: tiny model, the app folder's sample data, results under the app folder."""
     return {
         **SMOKE_RUN_CONFIG,
         "model.name": str(model_dir),
         "model.quantization": quantization,
         "num-server-rounds": rounds,
-        "dataset.path": str(SAMPLE_DATA),
+        "dataset.path": str(sample_data(app_dir)),
         "output.dir": str(app_dir / "results"),
     }
