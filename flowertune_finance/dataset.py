@@ -59,9 +59,16 @@ def row_problem(instruction: Any, text: Any, output: Any) -> str | None:
     return None
 
 
+def column_values(dataset: Dataset, *columns: str) -> list[list[Any]]:
+    """The values of `columns`, read in one batch: iterating `dataset[column]` (a lazy `Column`)
+    reads the table once per row, about 15 times slower."""
+    values = dataset.select_columns(list(columns)).to_dict()
+    return [values[column] for column in columns]
+
+
 def bad_rows(dataset: Dataset) -> list[tuple[int, str]]:
     """(index, problem) of every row that cannot be trained on."""
-    rows = zip(*(dataset[column] for column in REQUIRED_COLUMNS))
+    rows = zip(*column_values(dataset, *REQUIRED_COLUMNS))
     return [(i, problem) for i, row in enumerate(rows) if (problem := row_problem(*row))]
 
 

@@ -20,6 +20,7 @@ from flowertune_finance.config import AppConfig, ConfigError
 from flowertune_finance.dataset import (
     DataError,
     check_examples_fit,
+    column_values,
     label_report,
     load_tokenizer,
     validate_data_file,
@@ -73,7 +74,8 @@ def check_data_file(config: AppConfig, tokenizer, num_partitions: int) -> None:
             f"data file {config.dataset_path!r} has {len(dataset)} row(s) for {num_partitions} partitions "
             "(one per SuperNode); every partition needs at least one row: use more data or fewer SuperNodes"
         )
-    distribution, unknown = label_report(dataset["output"])
+    (outputs,) = column_values(dataset, "output")
+    distribution, unknown = label_report(outputs)
     log(INFO, "Training labels in %s: %s", config.dataset_path, distribution)
     if unknown:
         log(WARNING, "Labels outside the sentiment vocabulary (positive/negative/neutral, optionally graded): %s",

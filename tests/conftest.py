@@ -180,14 +180,22 @@ def smoke_run(smoke_a) -> tuple[launch.RunResult, Path]:
     return launch.RunResult(run_id, status, wall_time), Path(value_after(process.stdout, "Run folder:"))
 
 
+# The communication-saving recipe in 4 bits: the base model in 4 bits, LoRA's A frozen (only B travels), B sent
+# in fp16. 5 SuperNodes that all train every round (so a rerun sees the same partitions whatever node ids the
+# simulation draws), a fresh data window each round, a checkpoint every 2 rounds.
+RECIPE_RUN_SUPERNODES = 5
+RECIPE_RUN_CONFIG = {
+    "model.quantization": 4, "model.lora.freeze-a": True, "train.transport-dtype": "float16",
+    "num-server-rounds": 4, "strategy.fraction-train": 1.0, "train.save-every-round": 2,
+    "train.dynamic-data-seed": True,
+}
+
+
 @pytest.fixture(scope="session")
 def quantized_frozen_a_fp16_run(
     tiny_model: Path, flwr_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ):
-    """One run for three readers: the base model in 4 bits, LoRA's A frozen (only B travels) and B sent in
-    fp16 (4 SuperNodes, so 2 clients a round, 2 rounds, a checkpoint every round). test_smoke_run checks
-    the 4-bit side, test_performance the traffic, test_recipes frozen A. Shared read-only, like `smoke_run`."""
-    overrides = {"model.quantization": 4, "model.lora.freeze-a": True, "train.transport-dtype": "float16",
-                 "num-server-rounds": 2, "train.save-every-round": 1}
-    return _run(tiny_model, flwr_env, tmp_path_factory.mktemp("quantized-frozen-a-fp16") / "results", 4, 600,
-                **overrides)
+    """One run of RECIPE_RUN_CONFIG for four readers: test_resume's uninterrupted reference, test_smoke_run's
+    4-bit check, test_performance's traffic, test_recipes's frozen A. Shared read-only, like `smoke_run`."""
+    return _run(tiny_model, flwr_env, tmp_path_factory.mktemp("quantized-frozen-a-fp16") / "results",
+                RECIPE_RUN_SUPERNODES, 600, **RECIPE_RUN_CONFIG)

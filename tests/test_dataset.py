@@ -79,7 +79,7 @@ def test_iid_partitions_of_the_full_dataset_size(tmp_path):
     for partition_id in range(50):
         partition = load_partition(partition_id, 50, "unused", str(path))
         sizes.append(len(partition))
-        seen.update(partition["input"])
+        seen.update(partition.to_dict()["input"])
     assert sum(sizes) == rows and set(sizes) == {1535, 1536}
     assert len(seen) == rows  # disjoint and complete
 

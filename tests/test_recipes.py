@@ -247,11 +247,11 @@ def test_frozen_a_resumes_from_its_checkpoint_and_refuses_a_changed_a(tiny_model
 def test_frozen_a_through_flwr_run(quantized_frozen_a_fp16_run, tiny_model):
     """The real apps: A bit-identical in every checkpoint (and equal to what clients derive), B
     trained, and the MB recorded per round what B alone costs in fp16; the projection matches the total.
-    The run (4 SuperNodes, 2 rounds, the base in 4 bits, fp16 transport) is shared with test_smoke_run
-    and test_performance."""
+    The run (conftest.RECIPE_RUN_CONFIG: 5 SuperNodes that all train, 4 rounds, a checkpoint every 2, the
+    base in 4 bits, fp16 transport) is shared with test_resume, test_smoke_run and test_performance."""
     result, run_dir = quantized_frozen_a_fp16_run
     assert result.status == "finished:completed"
-    first, second = (load_file(run_dir / f"peft_{r}" / ADAPTER_WEIGHTS) for r in (1, 2))
+    first, second = (load_file(run_dir / f"peft_{r}" / ADAPTER_WEIGHTS) for r in (2, 4))
     derived = adapters.frozen_lora_a(ModelConfig(name=str(tiny_model), quantization=4, lora_freeze_a=True))
     a_keys = set(derived)
     b_keys = set(first) - a_keys
@@ -263,18 +263,19 @@ def test_frozen_a_through_flwr_run(quantized_frozen_a_fp16_run, tiny_model):
     b_mb = record_bytes({k: tuple(first[k].shape) for k in b_keys}, "float16") / MB
     full_mb = record_bytes({k: tuple(first[k].shape) for k in first}, "float16") / MB
     records = read_metrics(run_dir)
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
     for record in records:
-        assert record["clients_sampled"] == 2 and record["clients_accepted"] == 2  # max(int(4 * 0.1), 2)
-        assert record["mb_sent"] == pytest.approx(2 * b_mb) and record["mb_received"] == pytest.approx(2 * b_mb)
+        assert record["clients_sampled"] == 5 and record["clients_accepted"] == 5  # fraction-train 1.0
+        assert record["mb_sent"] == pytest.approx(5 * b_mb) and record["mb_received"] == pytest.approx(5 * b_mb)
     assert b_mb < 0.5 * full_mb  # q_proj/v_proj of the tiny Mistral (v has half q's outputs): B is 3/7 of it
-    assert records[0]["projected_mb"] == pytest.approx(records[-1]["cumulative_mb"]) == pytest.approx(8 * b_mb)
+    # 4 rounds x 5 clients x (B down + B up)
+    assert records[0]["projected_mb"] == pytest.approx(records[-1]["cumulative_mb"]) == pytest.approx(40 * b_mb)
     assert "projected_mb" not in records[1]
     plan = json.loads((run_dir / PROJECTION_FILE).read_text())
-    assert plan["projected_mb"] == pytest.approx(8 * b_mb) and plan["freeze_a"] and plan["within_budget"]
-    assert plan["clients_per_round"] == 2 and plan["num_supernodes"] == 4 and plan["rounds"] == 2
+    assert plan["projected_mb"] == pytest.approx(40 * b_mb) and plan["freeze_a"] and plan["within_budget"]
+    assert plan["clients_per_round"] == 5 and plan["num_supernodes"] == 5 and plan["rounds"] == 4
     loaded = adapters.get_adapter_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
-                                                                run_dir / "peft_2"))
+                                                                run_dir / "peft_4"))
     assert all(torch.equal(loaded[k], second[k]) for k in second)
 
 

@@ -1,14 +1,16 @@
 """Resume after a crash: a run killed with SIGKILL and resumed with `resume.from` ends where an
 uninterrupted run ends, with the same rounds, checkpoints and (to float tolerance) adapter.
 
-The tiny setup is deterministic: 5 SuperNodes and fraction-train 1.0, so every partition
-trains in every round whatever node ids the simulation draws (they are random per run; the
-partition-id in each node's config is what picks its data), dynamic-data-seed on so the
-data window depends on the round number, and TRL seeds each client's trainer.
+The runs use the communication-saving recipe in 4 bits (conftest.RECIPE_RUN_CONFIG), so the uninterrupted
+reference is the session's shared `quantized_frozen_a_fp16_run`. The tiny setup is deterministic: 5
+SuperNodes and fraction-train 1.0, so every partition trains in every round whatever node ids the
+simulation draws (they are random per run; the partition-id in each node's config is what picks its
+data), dynamic-data-seed on so the data window depends on the round number, and TRL seeds each client's
+trainer.
 
 The crashed run is tests/fault_app.py with every client hanging in round 4: the run is killed
 after metrics.jsonl records round 3 and while round 4 waits for replies, so peft_2 is its newest
-checkpoint however slow the machine is. The resumed and the reference runs are the plain app.
+checkpoint however slow the machine is. The resumed run is the plain app.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_dirs, smoke_config
+from conftest import RECIPE_RUN_CONFIG, RECIPE_RUN_SUPERNODES, REPO_ROOT, run_dirs, smoke_config
 from flwr.app import ArrayRecord
 from test_faults import fault_app_dir
 
@@ -35,14 +37,9 @@ from flowertune_finance.metrics import METRICS_FILE, append_metrics, read_metric
 from flowertune_finance.server_app import RoundRecorder, start_run
 from flowertune_finance.strategy import build_strategy
 
-NUM_SUPERNODES = 5
-SAVE_EVERY = 2
-CONFIG = {
-    "num-server-rounds": 4,
-    "strategy.fraction-train": 1.0,
-    "train.save-every-round": SAVE_EVERY,
-    "train.dynamic-data-seed": True,
-}
+NUM_SUPERNODES = RECIPE_RUN_SUPERNODES
+CONFIG = RECIPE_RUN_CONFIG
+SAVE_EVERY = CONFIG["train.save-every-round"]
 
 
 def process_tree(root: int) -> list[int]:
@@ -139,8 +136,10 @@ def crash_after_round(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # three `flwr run`s in a row; the default 600 s is one run's worst case
-def test_killed_run_resumes_to_the_same_rounds_and_adapter(tiny_model, flwr_env, tmp_path):
+@pytest.mark.timeout(1200)  # two `flwr run`s in a row (three with the reference); the default 600 s is one run's
+def test_killed_run_resumes_to_the_same_rounds_and_adapter(
+    tiny_model, flwr_env, quantized_frozen_a_fp16_run, tmp_path
+):
     crashed_dir = crash_after_round(
         3, tmp_path / "crashed", flwr_env, smoke_config(tiny_model, tmp_path / "crashed", **CONFIG), timeout=400,
         app_dir=fault_app_dir(tmp_path),
@@ -156,10 +155,8 @@ def test_killed_run_resumes_to_the_same_rounds_and_adapter(tiny_model, flwr_env,
     assert resumed.status == "finished:completed"
     assert run_dirs(tmp_path / "crashed") == [crashed_dir], "the resumed run must write into the same folder"
 
-    reference = launch.run_app(REPO_ROOT, smoke_config(tiny_model, tmp_path / "reference", **CONFIG),
-                               num_supernodes=NUM_SUPERNODES, env=flwr_env, timeout=400)
+    reference, reference_dir = quantized_frozen_a_fp16_run
     assert reference.status == "finished:completed"
-    (reference_dir,) = run_dirs(tmp_path / "reference")
 
     # same rounds, same numbering in checkpoints and metrics
     assert sorted(p.name for p in crashed_dir.glob("peft_*")) == sorted(p.name for p in reference_dir.glob("peft_*"))

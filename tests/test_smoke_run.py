@@ -50,9 +50,9 @@ def test_smoke_run_50_supernodes_writes_loadable_peft_3(smoke_run):
 
 
 def test_smoke_run_in_4bit_on_cpu(quantized_frozen_a_fp16_run, tiny_model):
-    result, run_dir = quantized_frozen_a_fp16_run  # shared with the fp16 (test_performance) and frozen-A (test_recipes) tests
+    result, run_dir = quantized_frozen_a_fp16_run  # shared with the resume, fp16 and frozen-A tests (conftest.py)
     assert result.status == "finished:completed"
     assert json.loads((run_dir / "run_config.json").read_text())["model.quantization"] == 4
-    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
-    model = _load_checkpoint(tiny_model, run_dir / "peft_2")
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    model = _load_checkpoint(tiny_model, run_dir / "peft_4")
     assert any("lora_A" in name for name, _ in model.named_parameters())
