@@ -15,6 +15,7 @@ checkpoint however slow the machine is. The resumed run is the plain app.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -96,12 +97,19 @@ def reached(run_dir_parent: Path, server_round: int) -> bool:
         return False
 
 
+def checkpoint_digests(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file of the run's checkpoints, by path within the run folder."""
+    return {path.relative_to(run_dir).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(run_dir.glob("peft_*/*"))}
+
+
 def crash_after_round(
     round_to_reach: int, run_dir_parent: Path, env: dict[str, str], config: dict, timeout: float, app_dir: Path
-):
+) -> tuple[Path, dict[str, str]]:
     """Start the run (every client of the fault app hangs in round `round_to_reach + 1`), SIGKILL its
     ServerApp process tree once metrics.jsonl records `round_to_reach`, then tell the SuperLink the
-    run is over (it still thinks it runs)."""
+    run is over (it still thinks it runs). Returns the run folder and its checkpoints' digests just
+    before the kill."""
     hang = {round_to_reach + 1: {partition: "hang" for partition in range(NUM_SUPERNODES)}}
     (app_dir / "faults.json").write_text(json.dumps(hang))
     outcome: dict[str, object] = {}
@@ -119,6 +127,7 @@ def crash_after_round(
     deadline = time.time() + timeout
     while time.time() < deadline and runner.is_alive() and not reached(run_dir_parent, round_to_reach):
         time.sleep(0.05)
+    saved = checkpoint_digests(run_dirs(run_dir_parent)[-1]) if run_dirs(run_dir_parent) else {}
     victims = [pid for simulation in simulation_pids(env["FLWR_HOME"]) for pid in process_tree(simulation)]
     assert victims, f"no simulation process to kill (the run: {outcome})"
     for pid in victims:
@@ -132,7 +141,7 @@ def crash_after_round(
     runner.join(120)
     assert not runner.is_alive() and "result" not in outcome, "the killed run was reported as completed"
     assert not any(alive(pid) for pid in victims), "processes of the killed run are still alive"
-    return run_dirs(run_dir_parent)[-1]
+    return run_dirs(run_dir_parent)[-1], saved
 
 
 @pytest.mark.slow
@@ -140,7 +149,7 @@ def crash_after_round(
 def test_killed_run_resumes_to_the_same_rounds_and_adapter(
     tiny_model, flwr_env, quantized_frozen_a_fp16_run, tmp_path
 ):
-    crashed_dir = crash_after_round(
+    crashed_dir, saved_before_the_kill = crash_after_round(
         3, tmp_path / "crashed", flwr_env, smoke_config(tiny_model, tmp_path / "crashed", **CONFIG), timeout=400,
         app_dir=fault_app_dir(tmp_path),
     )
@@ -154,6 +163,9 @@ def test_killed_run_resumes_to_the_same_rounds_and_adapter(
     )
     assert resumed.status == "finished:completed"
     assert run_dirs(tmp_path / "crashed") == [crashed_dir], "the resumed run must write into the same folder"
+    # what was saved before the crash is untouched by it and by the resumed run
+    assert saved_before_the_kill and {path: digest for path, digest in checkpoint_digests(crashed_dir).items()
+                                      if path.startswith("peft_2/")} == saved_before_the_kill
 
     reference, reference_dir = quantized_frozen_a_fp16_run
     assert reference.status == "finished:completed"
