@@ -157,14 +157,15 @@ def checkouts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
 
 
 @pytest.fixture(scope="session")
-def smoke_a(checkouts: tuple[Path, Path]) -> tuple[subprocess.CompletedProcess, float, str]:
+def smoke_a(checkouts: tuple[Path, Path]) -> tuple[subprocess.CompletedProcess, launch.RunResult]:
     """The README's smoke, `flowertune-finance smoke`, in checkout A (50 SuperNodes, 3 rounds): the
-    command's output, its wall time, and the run's final status as A's SuperLink reports it."""
+    command's output, and its run with the final status as A's SuperLink reports it."""
     started = time.time()
-    result = smoke_cli("smoke", str(checkouts[0]))
+    process = smoke_cli("smoke", str(checkouts[0]))
     wall_time = time.time() - started
-    run_id, _ = submitted(result.stdout)
-    return result, wall_time, launch.run_status(run_id, PrivateSuperLink(checkouts[0]).cli_env(), [SMOKE_CONNECTION])
+    run_id, _ = submitted(process.stdout)
+    status = launch.run_status(run_id, PrivateSuperLink(checkouts[0]).cli_env(), [SMOKE_CONNECTION])
+    return process, launch.RunResult(run_id, status, wall_time)
 
 
 @pytest.fixture(scope="session")
@@ -174,10 +175,9 @@ def smoke_run(smoke_a) -> tuple[launch.RunResult, Path]:
     Tests that only inspect a finished run (checkpoints, metrics, evaluation, plots, submission)
     use this instead of paying for a run of their own. Do not modify its folder: copy it first.
     """
-    process, wall_time, status = smoke_a
+    process, result = smoke_a
     assert process.returncode == 0, process.stdout
-    run_id, _ = submitted(process.stdout)
-    return launch.RunResult(run_id, status, wall_time), Path(value_after(process.stdout, "Run folder:"))
+    return result, Path(value_after(process.stdout, "Run folder:"))
 
 
 # The communication-saving recipe in 4 bits: the base model in 4 bits, LoRA's A frozen (only B travels), B sent

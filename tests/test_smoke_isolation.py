@@ -90,7 +90,7 @@ def test_smoke_output_is_short_and_ends_with_the_next_commands(checkouts, smoke_
     assert "Traceback" not in output and "WARNING" not in output
     assert "Private SuperLink of this checkout started on 127.0.0.1:" in lines[0] and "--stop" in lines[0]
     run_id, log_file = submitted(output)
-    assert f"Run {run_id} submitted (50 SuperNodes)" in output and smoke_a[2] == "finished:completed"
+    assert f"Run {run_id} submitted (50 SuperNodes)" in output and smoke_a[1].status == "finished:completed"
 
     run_dir = Path(value_after(output, "Run folder:"))
     checkpoint = Path(value_after(output, "Final checkpoint:"))
