@@ -38,7 +38,6 @@ CLIENT_ACTOR = "ClientAppActor"  # Flower's Ray actor class that runs ClientApp 
 class RayCluster:
     address: str  # what `ray start --address` and RAY_ADDRESS take
     temp_dir: Path
-    node_temp_dirs: dict[str, Path]  # node id -> that node's own --temp-dir
     stopped: set[int] = field(default_factory=set)  # after exit: the processes that were signalled
     survivors: set[int] = field(default_factory=set)  # after exit: those still alive (should be none)
 
@@ -170,7 +169,7 @@ def two_node_ray_cluster(cpus_per_node: int = 1) -> Iterator[RayCluster]:
     address = f"127.0.0.1:{port}"
     common = [f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--object-store-memory=100000000",
               "--disable-usage-stats"]
-    cluster = RayCluster(address, temp_dir, {})
+    cluster = RayCluster(address, temp_dir)
     try:
         _ray("start", "--head", f"--port={port}", f"--temp-dir={temp_dir / 'head'}", *common,
              "--include-dashboard=false", f"--ray-client-server-port={client_server_port}",
@@ -180,8 +179,6 @@ def two_node_ray_cluster(cpus_per_node: int = 1) -> Iterator[RayCluster]:
         # by default); Ray picks the raylet's other ports at random.
         _ray("start", f"--address={address}", f"--temp-dir={temp_dir / 'worker'}", *common,
              f"--dashboard-agent-listen-port={worker_agent_port}", env=env)
-        alive = [node for node in _gcs_records(address, env)["nodes"] if node["alive"]]
-        cluster.node_temp_dirs = {node["id"]: _node_temp_dir(node["raylet_socket"], temp_dir) for node in alive}
         yield cluster
     finally:
         cluster.stopped, cluster.survivors = _stop_cluster(temp_dir)
@@ -193,9 +190,6 @@ def test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster(tiny_model, tmp_
     started = time.time()
     with two_node_ray_cluster(cpus_per_node=1) as cluster:
         cluster_up = time.time() - started
-        # the two nodes are this cluster's: one raylet under each --temp-dir given above
-        assert sorted(cluster.node_temp_dirs.values()) == [cluster.temp_dir / "head", cluster.temp_dir / "worker"]
-
         config = launch.smoke_run_config(REPO_ROOT, tiny_model, rounds=1)
         config["output.dir"] = str(tmp_path / "results")
         config["strategy.fraction-train"] = 1.0  # all 4 SuperNodes train: 4 ClientApp calls, 2 actors
@@ -205,7 +199,6 @@ def test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster(tiny_model, tmp_
                 REPO_ROOT, config, num_supernodes=4, env=env, timeout=600, client_resources={"num-cpus": 1}
             )
         records = _gcs_records(cluster.address, processes.flwr_env({MARKER: str(cluster.temp_dir)}))
-        nodes = set(cluster.node_temp_dirs)
         stopping = time.time()
     ended = time.time()
     total, stop_s = ended - started, ended - stopping
@@ -216,6 +209,11 @@ def test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster(tiny_model, tmp_
     run_dirs = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
     assert len(run_dirs) == 1 and (run_dirs[0] / "peft_1" / "adapter_config.json").is_file()
 
+    # the cluster's two nodes, both alive to the end: one raylet under each --temp-dir given above
+    node_temp_dirs = {node["id"]: _node_temp_dir(node["raylet_socket"], cluster.temp_dir)
+                      for node in records["nodes"] if node["alive"]}
+    assert sorted(node_temp_dirs.values()) == [cluster.temp_dir / "head", cluster.temp_dir / "worker"], records["nodes"]
+    nodes = set(node_temp_dirs)
     actors = [a for a in records["actors"] if a["class"] == CLIENT_ACTOR]
     assert {a["node"] for a in actors} == nodes, actors  # one actor per 1-CPU node
     calls = [t for t in records["tasks"] if t["name"] == f"{CLIENT_ACTOR}.run" and t["finished"]]

@@ -183,8 +183,10 @@ def test_ctrl_c_stops_the_run_it_started(checkouts, smoke_a):
     assert "reused on 127.0.0.1" in seen[0], output  # the second smoke of a checkout reuses its SuperLink
     assert PrivateSuperLink(app).running().pid == before.pid
     run_id, _ = submitted(output)
-    assert smoke.returncode == 130, (output, after)
-    assert len(after) == 1 and after[0].startswith(f"Interrupted: run {run_id} stopped (status finished:stopped)")
+    # the whole output as the message (a tuple would be cut short by pytest's repr)
+    transcript = f"{output}--- after Ctrl-C ---\n" + "\n".join(after)
+    assert smoke.returncode == 130, transcript
+    assert len(after) == 1 and after[0].startswith(f"Interrupted: run {run_id} stopped (status finished:stopped)"), transcript
 
     superlink = PrivateSuperLink(app)
     assert launch.run_status(run_id, superlink.cli_env(), [SMOKE_CONNECTION]) == "finished:stopped"
