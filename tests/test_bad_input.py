@@ -44,16 +44,26 @@ def tree_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture
-def saved(tiny_model, tmp_path):
-    """(run config, results folder, run folder) of a run saved at round 2 of 4."""
-    results = tmp_path / "results"
+@pytest.fixture(scope="module")
+def saved_once(tiny_model, tmp_path_factory):
+    """A run saved at round 2 of 4, built once per module: `saved` hands each test its own copy."""
+    results = tmp_path_factory.mktemp("saved") / "results"
     run_config = smoke_config(tiny_model, results, **{"num-server-rounds": ROUNDS, "train.save-every-round": 2})
     config, run, _ = start_run(run_config)
     for server_round in (1, 2):
         run.history.append({"round": server_round, "train_loss": 1.0})
     RoundRecorder(config, run, build_strategy(config.strategy)).save(2, ArrayRecord(run.adapter))
     return run_config, results, run.run_dir
+
+
+@pytest.fixture
+def saved(saved_once, tmp_path):
+    """(run config, results folder, run folder) of a run saved at round 2 of 4, copied for this test
+    (which may damage it)."""
+    run_config, results, run_dir = saved_once
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    return {**run_config, "output.dir": str(copy)}, copy, copy / run_dir.name
 
 
 def assert_refused(run_config: dict, match: str, results: Path) -> str:
