@@ -45,16 +45,22 @@ SHARED_FIXTURE_GROUPS = {
 APP_FILES = ("pyproject.toml", "README.md", ".gitignore", "LICENSE", "flowertune_finance")
 
 
+def start_rank(item: pytest.Item) -> int:
+    """When a test that runs alone should start: 0 minutes-long (`slow`, `ray`), 1 a run of its own (`flwr_env`),
+    2 the rest. Tests of a shared run all rank 2, so they keep their order in the group's worker."""
+    fixtures = getattr(item, "fixturenames", ())
+    if any(name in fixtures for name in SHARED_FIXTURE_GROUPS):
+        return 2
+    if item.get_closest_marker("slow") or item.get_closest_marker("ray"):
+        return 0
+    return 1 if "flwr_env" in fixtures else 2
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Modules with minutes-long tests first, each in its own order, so parallel workers do not end on them.
-    # Tests of a shared run count as long: their group goes to one worker as a whole.
-    def shares_a_run(item: pytest.Item) -> bool:
-        return any(name in getattr(item, "fixturenames", ()) for name in SHARED_FIXTURE_GROUPS)
-
-    long_modules = {item.module.__name__ for item in items
-                    if item.get_closest_marker("slow") or item.get_closest_marker("ray") or shares_a_run(item)}
-    items.sort(key=lambda item: item.module.__name__ not in long_modules)
+    # xdist hands out the shared-run groups first (its queue puts the largest first); after them, the tests that
+    # run the app start before the seconds-long ones, so no worker is left with a long run while the others idle.
+    items.sort(key=start_rank)
     for item in items:
         groups = {group for name, group in SHARED_FIXTURE_GROUPS.items() if name in getattr(item, "fixturenames", ())}
         if len(groups) > 1:
