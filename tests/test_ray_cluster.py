@@ -185,6 +185,7 @@ def two_node_ray_cluster(cpus_per_node: int = 1) -> Iterator[RayCluster]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster(tiny_model, tmp_path):
     started = time.time()
