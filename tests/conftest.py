@@ -45,15 +45,20 @@ SHARED_FIXTURE_GROUPS = {
 APP_FILES = ("pyproject.toml", "README.md", ".gitignore", "LICENSE", "flowertune_finance")
 
 
+def run_groups(item: pytest.Item) -> set[str]:
+    """The worker groups of the shared runs `item` uses (at most one, see the hook below)."""
+    fixtures = getattr(item, "fixturenames", ())
+    return {group for name, group in SHARED_FIXTURE_GROUPS.items() if name in fixtures}
+
+
 def start_rank(item: pytest.Item) -> int:
     """When a test that runs alone should start: 0 minutes-long (`slow`, `ray`), 1 a run of its own (`flwr_env`),
     2 the rest. Tests of a shared run all rank 2, so they keep their order in the group's worker."""
-    fixtures = getattr(item, "fixturenames", ())
-    if any(name in fixtures for name in SHARED_FIXTURE_GROUPS):
+    if run_groups(item):
         return 2
     if item.get_closest_marker("slow") or item.get_closest_marker("ray"):
         return 0
-    return 1 if "flwr_env" in fixtures else 2
+    return 1 if "flwr_env" in getattr(item, "fixturenames", ()) else 2
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
@@ -62,7 +67,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # run the app start before the seconds-long ones, so no worker is left with a long run while the others idle.
     items.sort(key=start_rank)
     for item in items:
-        groups = {group for name, group in SHARED_FIXTURE_GROUPS.items() if name in getattr(item, "fixturenames", ())}
+        groups = run_groups(item)
         if len(groups) > 1:
             raise pytest.UsageError(f"{item.nodeid} uses fixtures of several worker groups: {sorted(groups)}")
         if groups:

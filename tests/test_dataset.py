@@ -8,6 +8,7 @@ import pytest
 
 from flowertune_finance.dataset import (
     DataError,
+    column_values,
     load_partition,
     load_tokenizer,
     tokenize_partition,
@@ -79,7 +80,7 @@ def test_iid_partitions_of_the_full_dataset_size(tmp_path):
     for partition_id in range(50):
         partition = load_partition(partition_id, 50, "unused", str(path))
         sizes.append(len(partition))
-        seen.update(partition.to_dict()["input"])
+        seen.update(*column_values(partition, "input"))
     assert sum(sizes) == rows and set(sizes) == {1535, 1536}
     assert len(seen) == rows  # disjoint and complete
 

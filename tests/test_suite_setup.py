@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import SHARED_FIXTURE_GROUPS
+from conftest import run_groups
 
 
 def test_tests_sharing_a_run_carry_its_worker_group(request: pytest.FixtureRequest):
     if "PYTEST_XDIST_WORKER" not in os.environ or not request.config.getoption("loadgroup"):
         pytest.skip("only meaningful in a parallel run with --dist loadgroup (the default)")
-    sharing = [(item, group) for item in request.session.items for name, group in SHARED_FIXTURE_GROUPS.items()
-               if name in item.fixturenames]
+    sharing = [(item, group) for item in request.session.items for group in run_groups(item)]
     if not sharing:
         pytest.skip("no selected test uses a shared fixture")
     # xdist sends every test whose id ends in the same @group to one worker
@@ -25,9 +24,8 @@ def test_tests_of_a_shared_run_keep_their_order_in_the_file(request: pytest.Fixt
     on one worker in collection order, and some rely on it (the deployment's kill test runs last)."""
     lines: dict[tuple[str, str], list[int]] = {}
     for item in request.session.items:
-        for name, group in SHARED_FIXTURE_GROUPS.items():
-            if name in item.fixturenames:
-                lines.setdefault((group, item.location[0]), []).append(item.location[1])
+        for group in run_groups(item):
+            lines.setdefault((group, item.location[0]), []).append(item.location[1])
     if not lines:
         pytest.skip("no selected test uses a shared fixture")
     for (group, path), found in lines.items():
