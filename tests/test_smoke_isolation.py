@@ -72,6 +72,21 @@ def agents(tree: dict[int, int | None]) -> list[int]:
     return [pid for pid in processes.still_running(tree) if processes.command_line(pid).startswith("ray::")]
 
 
+# `flowertune-finance ARGS` as started from a terminal, where Ctrl-C raises KeyboardInterrupt. A suite started in the
+# background by a script (`pytest ... &`) ignores SIGINT, and a child inherits that: Python then installs no handler.
+FROM_A_TERMINAL = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('flowertune_finance.cli', run_name='__main__', alter_sys=True)"
+)
+
+
+def handles_sigint(pid: int) -> bool:
+    """Whether the process has a handler for SIGINT (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & 1 << (signal.SIGINT - 1))
+
+
 def strays(app: Path, superlink_pid: int) -> list[int]:
     """Processes of the checkout's SuperLink that are neither it nor a child of one of its processes."""
     ours = set(processes_with_env(SUPERLINK_MARKER, str(app)))
@@ -158,8 +173,7 @@ def test_ctrl_c_stops_the_run_it_started(checkouts, smoke_a):
     before = PrivateSuperLink(app).running()
     assert before is not None
     smoke = subprocess.Popen(
-        [sys.executable, "-m", "flowertune_finance.cli", "smoke", str(app), "--num-supernodes", SUPERNODES,
-         "--rounds", "20"],
+        [sys.executable, "-c", FROM_A_TERMINAL, "smoke", str(app), "--num-supernodes", SUPERNODES, "--rounds", "20"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = []
@@ -173,6 +187,7 @@ def test_ctrl_c_stops_the_run_it_started(checkouts, smoke_a):
             time.sleep(0.2)
         tree = run_tree(app)  # Ray's agents lose the marker when they rename themselves: follow the tree
         assert agents(tree), "the run started no Ray agents before the deadline"
+        assert handles_sigint(smoke.pid), "the smoke does not handle SIGINT: Ctrl-C could not reach it"
         smoke.send_signal(signal.SIGINT)
         after = smoke.stdout.read().splitlines()
         smoke.wait(timeout=120)
