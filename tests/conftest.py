@@ -42,17 +42,6 @@ SHARED_FIXTURE_GROUPS = {
     "quantized_frozen_a_fp16_run": "quantized-frozen-a-fp16-run",
     "deployment": "deployment",
 }
-# The tests that run the app alone for half a minute or more, each joined to the worker of a shared run so that the
-# three workers carry about the same load (measured: CONTRIBUTING). Left to xdist, which gives a worker more tests
-# once it has two left however long those two are, they queued behind one another on one worker while the others ran
-# out of work. The deployment's group takes two: its own tests mostly wait for Flower's heartbeat.
-BALANCING_GROUPS = {
-    "tests/test_learning_proof.py::test_federated_lora_learns_the_heldout_task": "quantized-frozen-a-fp16-run",
-    "tests/test_ray_cluster.py::test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster": "deployment",
-    "tests/test_faults.py::test_bad_replies_are_excluded_all_bad_rounds_keep_the_adapter_and_too_many_in_a_row_fail_the_run":
-        "deployment",
-    "tests/test_failure_policy.py::test_every_client_failing_in_round_1_fails_the_run": "checkouts",
-}
 APP_FILES = ("pyproject.toml", "README.md", ".gitignore", "LICENSE", "flowertune_finance")
 
 
@@ -62,18 +51,9 @@ def run_groups(item: pytest.Item) -> set[str]:
     return {group for name, group in SHARED_FIXTURE_GROUPS.items() if name in fixtures}
 
 
-def worker_group(item: pytest.Item) -> str | None:
-    """The xdist group `item` runs in: its shared run's, else its balancing group, else none."""
-    groups = run_groups(item)
-    if len(groups) > 1:
-        raise pytest.UsageError(f"{item.nodeid} uses fixtures of several worker groups: {sorted(groups)}")
-    return groups.pop() if groups else BALANCING_GROUPS.get(item.nodeid)
-
-
 def start_rank(item: pytest.Item) -> int:
     """When a test that runs alone should start: 0 minutes-long (`slow`, `ray`), 1 a run of its own (`flwr_env`),
-    2 the rest. Tests of a shared run all rank 2, so they keep their order in the group's worker; a balancing group's
-    test ranks as it would alone, so it starts before the shared run's tests."""
+    2 the rest. Tests of a shared run all rank 2, so they keep their order in the group's worker."""
     if run_groups(item):
         return 2
     if item.get_closest_marker("slow") or item.get_closest_marker("ray"):
@@ -83,12 +63,15 @@ def start_rank(item: pytest.Item) -> int:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # xdist hands out the groups first (its queue puts the largest first); after them, the tests that run the app
-    # start before the seconds-long ones, so no worker is left with a long run while the others idle.
+    # xdist hands out the shared-run groups first (its queue puts the largest first); after them, the tests that
+    # run the app start before the seconds-long ones, so no worker is left with a long run while the others idle.
     items.sort(key=start_rank)
     for item in items:
-        if group := worker_group(item):
-            item.add_marker(pytest.mark.xdist_group(group))
+        groups = run_groups(item)
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses fixtures of several worker groups: {sorted(groups)}")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
 
 
 @pytest.fixture(scope="session")

@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
-from conftest import BALANCING_GROUPS, REPO_ROOT, SHARED_FIXTURE_GROUPS, run_groups, worker_group
+from conftest import run_groups
 
 
 def test_tests_sharing_a_run_carry_its_worker_group(request: pytest.FixtureRequest):
     if "PYTEST_XDIST_WORKER" not in os.environ or not request.config.getoption("loadgroup"):
         pytest.skip("only meaningful in a parallel run with --dist loadgroup (the default)")
-    grouped = [(item, group) for item in request.session.items if (group := worker_group(item))]
-    if not grouped:
-        pytest.skip("no selected test uses a shared fixture or a balancing group")
+    sharing = [(item, group) for item in request.session.items for group in run_groups(item)]
+    if not sharing:
+        pytest.skip("no selected test uses a shared fixture")
     # xdist sends every test whose id ends in the same @group to one worker
-    ungrouped = [item.nodeid for item, group in grouped if not item.nodeid.endswith(f"@{group}")]
+    ungrouped = [item.nodeid for item, group in sharing if not item.nodeid.endswith(f"@{group}")]
     assert not ungrouped, ungrouped
-
-
-def test_balancing_groups_name_tests_that_exist_and_groups_of_shared_runs():
-    """A renamed test or group would silently end the balancing."""
-    for nodeid, group in BALANCING_GROUPS.items():
-        path, name = nodeid.split("::")
-        assert re.search(rf"^def {name}\(", (REPO_ROOT / path).read_text(), re.MULTILINE), f"{nodeid} is not a test"
-        assert group in SHARED_FIXTURE_GROUPS.values(), f"{group!r} is no shared run's group"
 
 
 def test_tests_of_a_shared_run_keep_their_order_in_the_file(request: pytest.FixtureRequest):
