@@ -5,6 +5,7 @@ local SuperLink. Fast: small Python processes only, no Flower run."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from flowertune_finance.dev import control
 from flowertune_finance.dev.processes import (
     alive,
     descendants,
@@ -119,4 +121,15 @@ def test_a_private_flwr_home_never_starts_flowers_own_local_superlink():
                                 capture_output=True, text=True, timeout=120, check=False)
         answer = json.loads(listed.stdout)
         assert answer["success"] is False and "local SuperLink on 127.0.0.1:0" in answer["error-message"], answer
+        assert processes_with_env("FLWR_HOME", env["FLWR_HOME"]) == []
+
+
+def test_control_api_questions_from_this_process_never_start_flowers_own_local_superlink():
+    """The in-process Control API client (what `launch` and the smoke ask through) refuses the same, and
+    leaves this process's FLWR_HOME as it found it."""
+    with isolated_flwr() as env:
+        before = os.environ.get("FLWR_HOME")
+        with pytest.raises(control.ControlError, match=":local:"):
+            control.runs(flwr_env(env))
+        assert os.environ.get("FLWR_HOME") == before
         assert processes_with_env("FLWR_HOME", env["FLWR_HOME"]) == []

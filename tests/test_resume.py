@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from datetime import datetime
@@ -33,7 +32,7 @@ from test_faults import fault_app_dir
 
 from flowertune_finance import checkpoint
 from flowertune_finance.checkpoint import load_adapter, restart_metrics, staged_folder
-from flowertune_finance.dev import launch, processes
+from flowertune_finance.dev import control, launch, processes
 from flowertune_finance.metrics import METRICS_FILE, append_metrics, read_metrics
 from flowertune_finance.server_app import RoundRecorder, start_run
 from flowertune_finance.strategy import build_strategy
@@ -74,11 +73,7 @@ def simulation_pids(flwr_home: str) -> list[int]:
 
 
 def running_run_ids(env: dict[str, str]) -> list[int]:
-    listed = subprocess.run(
-        [processes.flwr_executable(), "ls", "--format", "json"], env=processes.flwr_env(env),
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    return [int(run["run-id"]) for run in json.loads(listed.stdout)["runs"] if run["status"] == "running"]
+    return [record.run_id for record in control.runs(processes.flwr_env(env)) if record.status == "running"]
 
 
 def alive(pid: int) -> bool:
@@ -136,10 +131,12 @@ def crash_after_round(
         except ProcessLookupError:
             pass
     for run_id in running_run_ids(env):
-        subprocess.run([processes.flwr_executable(), "stop", str(run_id)], env=processes.flwr_env(env),
-                       capture_output=True, timeout=60, check=False)
+        control.stop(run_id, processes.flwr_env(env))
     runner.join(120)
     assert not runner.is_alive() and "result" not in outcome, "the killed run was reported as completed"
+    gone_by = time.time() + 30  # SIGKILL is delivered, not waited for: a process may still be exiting
+    while any(alive(pid) for pid in victims) and time.time() < gone_by:
+        time.sleep(0.1)
     assert not any(alive(pid) for pid in victims), "processes of the killed run are still alive"
     return run_dirs(run_dir_parent)[-1], saved
 

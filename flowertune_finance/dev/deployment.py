@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tomli_w
 
-from flowertune_finance.dev import launch
+from flowertune_finance.dev import control, launch
 from flowertune_finance.dev.credentials import (
     LOOPBACK,
     Certificates,
@@ -158,15 +158,10 @@ class LocalDeployment:
 
     def online_nodes(self) -> list[str]:
         """Ids of the SuperNodes the SuperLink sees online (`flwr supernode ls`)."""
-        result = subprocess.run(
-            [flwr_executable(), "supernode", "ls", CONNECTION, "--format", "json"],
-            check=False, env=self.env(), capture_output=True, text=True, timeout=60,
-        )
         try:
-            nodes = json.loads(result.stdout)["nodes"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise DeploymentError(f"`flwr supernode ls` gave no node list:\n{result.stdout}\n{result.stderr}") from error
-        return [node["node-id"] for node in nodes if node.get("status") == "online"]
+            return control.online_nodes(self.env(), [CONNECTION])
+        except control.ControlError as error:
+            raise DeploymentError(f"`flwr supernode ls` gave no node list: {error}") from error
 
     def start_supernode(
         self, name: str, node_config: dict[str, str | int], private_key: Path | None = None, wait: bool = True

@@ -1,7 +1,7 @@
 """Start the app with the real `flwr run`, wait for it, and tell success from failure.
 
 `flwr run --stream` exits 0 even when the run failed, so `run_app` submits the run, streams its
-log, then asks the SuperLink for the run's final status (`flwr ls`). Used by the end-to-end tests,
+log, then asks the SuperLink for the run's final status (what `flwr ls` shows; see `control`). Used by the end-to-end tests,
 the benchmarks, the learning proof and the local deployment; the CPU smoke command builds on it
 (`smoke.py`). A run without a named connection goes to the SuperLink of the env's private FLWR_HOME
 (`ensure_home_superlink`), never to Flower's shared local one.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowertune_finance.dev import tiny
+from flowertune_finance.dev import control, tiny
 from flowertune_finance.dev.processes import flwr_env, flwr_executable
 from flowertune_finance.dev.servers import port_candidates
 from flowertune_finance.dev.superlink import (
@@ -140,39 +140,29 @@ def run_id_of(stdout: str) -> int | None:
     return int(run_id) if run_id is not None else None
 
 
-def run_record(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> dict[str, Any] | None:
-    """The SuperLink's record of a run (`flwr ls --run-id`), or None if it lists none."""
-    listed = subprocess.run(
-        [flwr_executable(), "ls", *(where or []), "--run-id", str(run_id), "--format", "json"],
-        check=False, env=dict(env), capture_output=True, text=True, timeout=60,
-    )
+def run_record(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> control.RunRecord | None:
+    """The SuperLink's record of a run (what `flwr ls --run-id` shows), or None if it cannot tell."""
     try:
-        runs = json.loads(listed.stdout).get("runs", [])
-    except json.JSONDecodeError as error:
-        raise RunFailed(f"`flwr ls` gave no JSON: {listed.stdout}\n{listed.stderr}") from error
-    return runs[0] if runs else None
+        return control.run_record(run_id, env, where)
+    except control.ControlError:
+        return None
 
 
 def run_status(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> str:
     """The SuperLink's status of a run, such as `running` or `finished:completed`."""
     record = run_record(run_id, env, where)
-    return str(record["status"]) if record else "unknown"
+    return record.status if record else "unknown"
 
 
 def follow_log(
     run_id: int, env: Mapping[str, str], deadline: float, where: list[str] | None = None, show: bool = False
 ) -> None:
-    """Block on one `flwr log RUN_ID --stream` until the SuperLink closes the stream (it does once the
-    run is finished) or the deadline passes; the log goes to stdout when `show`, else nowhere.
-    One process for the whole run: polling `flwr ls` instead starts a fresh Python process every time."""
-    output = None if show else subprocess.DEVNULL
-    try:
-        subprocess.run(
-            [flwr_executable(), "log", str(run_id), *(where or []), "--stream"], check=False, env=dict(env),
-            stdout=output, stderr=output, timeout=max(deadline - time.time(), 1.0),
-        )
-    except subprocess.TimeoutExpired:
-        pass
+    """Block on the run's log stream (`flwr log RUN_ID --stream`, read in this process, see `control`)
+    until the SuperLink closes it (it does once the run is finished) or the deadline passes; the log goes to
+    stdout when `show`, else nowhere."""
+    for line in control.log_lines(run_id, env, deadline, where):
+        if show:
+            print(line, end="", flush=True)
 
 
 def wait_for_run(
@@ -181,9 +171,9 @@ def wait_for_run(
     """Wait until the run has finished (or the deadline passes); return its status.
 
     With `follow`, first sits on the run's log stream (`follow_log`, silent) until it ends; pass
-    `follow=False` when the caller has already followed it. Then asks the SuperLink for the status
-    (`flwr ls`), at most once a second, until it reads finished: a stream cut short (a lost connection)
-    ends the wait no sooner than polling would."""
+    `follow=False` when the caller has already followed it. Then asks the SuperLink for the status,
+    at most once a second, until it reads finished: a stream cut short (a lost connection) ends the
+    wait no sooner than polling would."""
     if follow:
         follow_log(run_id, env, deadline, where)
     while True:
@@ -194,11 +184,11 @@ def wait_for_run(
 
 
 def stop_run(run_id: int, env: Mapping[str, str], where: list[str], wait: float = 30.0) -> str:
-    """`flwr stop RUN_ID`, then wait until the SuperLink reports the run finished; returns its status."""
-    subprocess.run(
-        [flwr_executable(), "stop", str(run_id), *where, "--format", "json"],
-        check=False, env=dict(env), capture_output=True, text=True, timeout=60,
-    )
+    """Stop the run (`flwr stop RUN_ID`), then wait until the SuperLink reports it finished; returns its status."""
+    try:
+        control.stop(run_id, env, where)
+    except control.ControlError:
+        pass  # the status below says whether the run ended anyway
     deadline = time.time() + wait
     status = run_status(run_id, env, where)
     while not status.startswith("finished") and time.time() < deadline:
@@ -209,12 +199,8 @@ def stop_run(run_id: int, env: Mapping[str, str], where: list[str], wait: float 
 
 def run_details(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> str:
     """The SuperLink's `status-details` of a run (why it failed), or '' if it has none."""
-    try:
-        record = run_record(run_id, env, where)
-    except RunFailed:
-        return ""
-    details = str(record.get("status-details", "")) if record else ""
-    return "" if details == "N/A" else details
+    record = run_record(run_id, env, where)
+    return record.details if record and record.details != "N/A" else ""
 
 
 def ensure_tiny_model(folder: Path, architecture: str = "mistral") -> Path:

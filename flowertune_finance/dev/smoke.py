@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowertune_finance.dev import control
 from flowertune_finance.dev.launch import RunFailed, run_details, run_id_of, stop_run, wait_for_run
 from flowertune_finance.dev.processes import flwr_executable, signals_ignored
 from flowertune_finance.dev.superlink import SMOKE_CONNECTION, PrivateSuperLink
@@ -145,9 +145,8 @@ def run_smoke(
     """
     env = superlink.cli_env()
     where = [SMOKE_CONNECTION]
-    flwr = flwr_executable()
     config_file = write_run_config(run_config, superlink.folder / f"run-config-{os.getpid()}-{time.time_ns()}.toml")
-    command = [flwr, "run", str(superlink.app_dir), SMOKE_CONNECTION, "--run-config", str(config_file),
+    command = [flwr_executable(), "run", str(superlink.app_dir), SMOKE_CONNECTION, "--run-config", str(config_file),
                "--format", "json", "--federation-config", f"num-supernodes={num_supernodes}"]
     started = time.time()
     try:
@@ -163,7 +162,7 @@ def run_smoke(
     say(f"Run {run_id} submitted ({num_supernodes} SuperNodes); Ctrl-C stops it. Full log: {log_file}")
     watcher = _LogWatcher(log_file, verbose, say)
     try:
-        _follow_log(flwr, run_id, where, env, watcher, deadline=started + timeout)
+        _follow_log(run_id, where, env, watcher, deadline=started + timeout)
         status = wait_for_run(
             run_id, env, deadline=max(started + timeout, time.time() + 30), where=where, follow=False
         )
@@ -194,29 +193,10 @@ def _stop(superlink: PrivateSuperLink, run_id: int, env: Mapping[str, str], wher
     return status
 
 
-def _follow_log(
-    flwr: str, run_id: int, where: list[str], env: Mapping[str, str], watcher: _LogWatcher, deadline: float
-) -> None:
-    """Feed `flwr log --stream` into the watcher until the run ends (the stream closes) or the deadline."""
-    streamer = subprocess.Popen(
-        [flwr, "log", str(run_id), *where, "--stream"], env=dict(env), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-    )
-    watchdog = threading.Timer(max(deadline - time.time(), 1.0), streamer.terminate)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        for line in streamer.stdout:
-            watcher.feed(line)
-    finally:
-        watchdog.cancel()
-        if streamer.poll() is None:
-            streamer.terminate()
-            try:
-                streamer.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                streamer.kill()
-        streamer.stdout.close()
+def _follow_log(run_id: int, where: list[str], env: Mapping[str, str], watcher: _LogWatcher, deadline: float) -> None:
+    """Feed the run's log stream into the watcher until the run ends (the stream closes) or the deadline."""
+    for line in control.log_lines(run_id, env, deadline, where):
+        watcher.feed(line)
 
 
 def _newest_folder(output_dir: Path, since: float) -> Path | None:

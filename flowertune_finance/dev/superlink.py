@@ -15,7 +15,6 @@ import datetime
 import fcntl
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
@@ -26,13 +25,13 @@ from pathlib import Path
 
 import tomli_w
 
+from flowertune_finance.dev import control
 from flowertune_finance.dev.processes import (
     alive,
     command_line,
     console_script,
     descendants,
     flwr_env,
-    flwr_executable,
     kill_processes_with_env,
     parent,
     process_environ,
@@ -283,12 +282,8 @@ class PrivateSuperLink:
 
 def _active_runs(env: Mapping[str, str]) -> int | None:
     """How many runs the SuperLink has not finished (None if it cannot tell)."""
-    listed = subprocess.run(
-        [flwr_executable(), "ls", SMOKE_CONNECTION, "--format", "json"],
-        check=False, env=dict(env), capture_output=True, text=True, timeout=60,
-    )
     try:
-        runs = json.loads(listed.stdout).get("runs", [])
-    except json.JSONDecodeError:
+        listed = control.runs(env, [SMOKE_CONNECTION])
+    except control.ControlError:
         return None
-    return sum(not str(run.get("status", "")).startswith("finished") for run in runs)
+    return sum(not record.status.startswith("finished") for record in listed)
