@@ -12,9 +12,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
 from flwr.cli.config_utils import load_certificate_in_connection
@@ -32,6 +33,7 @@ from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpI
 
 # os.environ is process-wide: Flower reads FLWR_HOME from it, so connections are read one at a time.
 _FLWR_HOME_LOCK = threading.Lock()
+T = TypeVar("T")
 
 
 class ControlError(RuntimeError):
@@ -49,13 +51,14 @@ def connection(env: Mapping[str, str], where: list[str] | None = None) -> SuperL
     """The connection `flwr <command> [where]` would use under the FLWR_HOME of `env`.
 
     Refuses Flower's magic local address: `flwr` would start its shared local SuperLink for it."""
+    name = where[0] if where else None
     with _FLWR_HOME_LOCK:
         saved = os.environ.get("FLWR_HOME")
         os.environ["FLWR_HOME"] = env["FLWR_HOME"]
         try:
-            found = read_superlink_connection(where[0] if where else None)
+            found = read_superlink_connection(name)
         except Exception as error:  # click.ClickException: no config, no such connection
-            raise ControlError(f"no SuperLink connection {where or 'default'} under {env['FLWR_HOME']}: {error}") from error
+            raise ControlError(f"no SuperLink connection {name or '(default)'} under {env['FLWR_HOME']}: {error}") from error
         finally:
             if saved is None:
                 os.environ.pop("FLWR_HOME", None)
@@ -83,15 +86,22 @@ def control_client(env: Mapping[str, str], where: list[str] | None = None) -> It
         client.close()
 
 
-def runs(env: Mapping[str, str], where: list[str] | None = None, run_id: int | None = None) -> list[RunRecord]:
-    """The SuperLink's records of its runs, or of one run (what `flwr ls [--run-id]` shows)."""
+def _ask(env: Mapping[str, str], where: list[str] | None, what: str, call: Callable[[ControlHttpClient], T]) -> T:
+    """One Control API call; an unreadable certificate, a transport error or Flower's error (an unknown run id,
+    say) as ControlError."""
     try:
         with control_client(env, where) as client:
-            listed = client.ListRuns(ListRunsRequest(run_id=run_id) if run_id is not None else ListRunsRequest())
+            return call(client)
     except ControlError:
         raise
-    except Exception as error:  # httpx transport errors, or Flower's error for an unknown run id
-        raise ControlError(f"listing the runs of {where or 'the default connection'} failed: {error}") from error
+    except Exception as error:
+        raise ControlError(f"{what} failed: {error}") from error
+
+
+def runs(env: Mapping[str, str], where: list[str] | None = None, run_id: int | None = None) -> list[RunRecord]:
+    """The SuperLink's records of its runs, or of one run (what `flwr ls [--run-id]` shows)."""
+    request = ListRunsRequest(run_id=run_id) if run_id is not None else ListRunsRequest()
+    listed = _ask(env, where, "listing runs", lambda client: client.ListRuns(request))
     return [
         RunRecord(run.run_id, run.status.status + (f":{run.status.sub_status}" if run.status.sub_status else ""),
                   run.status.details)
@@ -106,24 +116,13 @@ def run_record(run_id: int, env: Mapping[str, str], where: list[str] | None = No
 
 def stop(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> bool:
     """Ask the SuperLink to stop a run (`flwr stop`); True if it accepted."""
-    try:
-        with control_client(env, where) as client:
-            return bool(client.StopRun(StopRunRequest(run_id=run_id)).success)
-    except ControlError:
-        raise
-    except Exception as error:
-        raise ControlError(f"stopping run {run_id} failed: {error}") from error
+    stopped = _ask(env, where, f"stopping run {run_id}", lambda client: client.StopRun(StopRunRequest(run_id=run_id)))
+    return bool(stopped.success)
 
 
 def online_nodes(env: Mapping[str, str], where: list[str] | None = None) -> list[str]:
     """Ids of the SuperNodes the SuperLink sees online (what `flwr supernode ls` shows as `online`)."""
-    try:
-        with control_client(env, where) as client:
-            listed = client.ListNodes(ListNodesRequest())
-    except ControlError:
-        raise
-    except Exception as error:
-        raise ControlError(f"listing the SuperNodes of {where or 'the default connection'} failed: {error}") from error
+    listed = _ask(env, where, "listing SuperNodes", lambda client: client.ListNodes(ListNodesRequest()))
     return [str(node.node_id) for node in listed.nodes_info if node.status == "online"]
 
 

@@ -200,7 +200,7 @@ def stop_run(run_id: int, env: Mapping[str, str], where: list[str], wait: float 
 def run_details(run_id: int, env: Mapping[str, str], where: list[str] | None = None) -> str:
     """The SuperLink's `status-details` of a run (why it failed), or '' if it has none."""
     record = run_record(run_id, env, where)
-    return record.details if record and record.details != "N/A" else ""
+    return record.details if record else ""
 
 
 def ensure_tiny_model(folder: Path, architecture: str = "mistral") -> Path:

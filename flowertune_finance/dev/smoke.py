@@ -162,7 +162,8 @@ def run_smoke(
     say(f"Run {run_id} submitted ({num_supernodes} SuperNodes); Ctrl-C stops it. Full log: {log_file}")
     watcher = _LogWatcher(log_file, verbose, say)
     try:
-        _follow_log(run_id, where, env, watcher, deadline=started + timeout)
+        for line in control.log_lines(run_id, env, started + timeout, where):
+            watcher.feed(line)
         status = wait_for_run(
             run_id, env, deadline=max(started + timeout, time.time() + 30), where=where, follow=False
         )
@@ -191,12 +192,6 @@ def _stop(superlink: PrivateSuperLink, run_id: int, env: Mapping[str, str], wher
     if status.startswith("finished"):
         superlink.release_orphans(before)
     return status
-
-
-def _follow_log(run_id: int, where: list[str], env: Mapping[str, str], watcher: _LogWatcher, deadline: float) -> None:
-    """Feed the run's log stream into the watcher until the run ends (the stream closes) or the deadline."""
-    for line in control.log_lines(run_id, env, deadline, where):
-        watcher.feed(line)
 
 
 def _newest_folder(output_dir: Path, since: float) -> Path | None:
