@@ -218,3 +218,32 @@ def test_tiny_quick_command_reports_every_figure(tiny_model, tmp_path):
     assert all(name in report["table_markdown"] for name in DEFAULT_VARIANTS)
     assert "protocol" in log and str(output) in log
     assert not processes_with_env("FLWR_HOME", report["flwr_home"])  # SuperLink, simulation, workers: all gone
+
+
+def test_the_h200_figures_in_the_performance_doc_are_the_committed_reports():
+    """docs/performance.md quotes benchmarks/results/gpu_check_h200*.json; a rerun that replaces a
+    report must update the doc too."""
+    doc = (REPO_ROOT / "docs" / "performance.md").read_text()
+    results = REPO_ROOT / "benchmarks" / "results"
+    full = json.loads((results / "gpu_check_h200.json").read_text())
+    cache_off = json.loads((results / "gpu_check_h200_cache_off.json").read_text())
+    for report in (full, cache_off):
+        assert report["complete"] and report["machine"]["gpu"] == "NVIDIA H200"
+        assert report["settings"]["num_supernodes"] == 50 and report["settings"]["max_steps"] == 10
+    assert f"took **{full['total_seconds']:.0f} s**" in doc
+    rows = {
+        "round 2 (s)": ("later_rounds_mean_s", "{:.1f}"),
+        "per client call, round 2 (s): 10 optimizer steps": ("steps", "{:.1f}"),
+        "training tokens/s": ("train_tokens_per_s", "{:,.0f}"),
+        "peak VRAM per client, `torch.cuda.max_memory_allocated` (MB)": ("peak_vram_mb_per_client", "{:,.0f}"),
+    }
+    variants = [full["variants"]["cache-on/float32"], full["variants"]["cache-on/bfloat16"],
+                cache_off["variants"]["cache-off/bfloat16"]]
+    for label, (key, form) in rows.items():
+        summaries = [v["summary"] for v in variants]
+        values = [s["per_call_s"][key] if key in s["per_call_s"] else s[key] for s in summaries]
+        assert f"| {label} | " + " | ".join(form.format(v) for v in values) + " |" in doc, label
+    assert f"| per client call, round 2 (s): model load + set adapter | 0.000 | 0.000 | " \
+           f"{variants[2]['summary']['per_call_s']['model']:.2f} |" in doc
+    fast = [r["evaluation"]["modes"]["fast"] for r in (full, cache_off)]
+    assert " | ".join(f"{m['seconds']:.1f} s, {m['examples_per_s']:.1f} examples/s" for m in fast) in doc
