@@ -220,30 +220,60 @@ def test_tiny_quick_command_reports_every_figure(tiny_model, tmp_path):
     assert not processes_with_env("FLWR_HOME", report["flwr_home"])  # SuperLink, simulation, workers: all gone
 
 
-def test_the_h200_figures_in_the_performance_doc_are_the_committed_reports():
-    """docs/performance.md quotes benchmarks/results/gpu_check_h200*.json; a rerun that replaces a
-    report must update the doc too."""
+DOC_ROWS = {  # row label in docs/performance.md -> summary figure and its format
+    "round 2 (s)": ("later_rounds_mean_s", "{:.1f}"),
+    "per client call, round 2 (s): 10 optimizer steps": ("steps", "{:.1f}"),
+    "training tokens/s": ("train_tokens_per_s", "{:,.0f}"),
+    "peak VRAM per client, `torch.cuda.max_memory_allocated` (MB)": ("peak_vram_mb_per_client", "{:,.0f}"),
+}
+
+
+def doc_section(doc: str, heading: str) -> str:
+    """The text under `### heading`, up to the next heading, with line breaks and runs of spaces as one space."""
+    start = doc.index(f"### {heading}\n")
+    return " ".join(doc[start:doc.find("\n#", start + 1)].split())
+
+
+def assert_rows(section: str, summaries: list[dict]) -> None:
+    for label, (key, form) in DOC_ROWS.items():
+        values = [s["per_call_s"].get(key, s.get(key)) for s in summaries]
+        assert f"| {label} | " + " | ".join(form.format(v) for v in values) + " |" in section, label
+
+
+def committed_report(name: str, gpu: str) -> dict:
+    report = json.loads((REPO_ROOT / "benchmarks" / "results" / name).read_text())
+    assert report["complete"] and report["machine"]["gpu"] == gpu
+    assert report["settings"]["num_supernodes"] == 50 and report["settings"]["max_steps"] == 10
+    return report
+
+
+def test_the_gpu_figures_in_the_performance_doc_are_the_committed_reports():
+    """docs/performance.md quotes benchmarks/results/gpu_check_h100.json and gpu_check_h200*.json; a rerun that
+    replaces a report must update the doc too."""
     doc = (REPO_ROOT / "docs" / "performance.md").read_text()
-    results = REPO_ROOT / "benchmarks" / "results"
-    full = json.loads((results / "gpu_check_h200.json").read_text())
-    cache_off = json.loads((results / "gpu_check_h200_cache_off.json").read_text())
-    for report in (full, cache_off):
-        assert report["complete"] and report["machine"]["gpu"] == "NVIDIA H200"
-        assert report["settings"]["num_supernodes"] == 50 and report["settings"]["max_steps"] == 10
-    assert f"took **{full['total_seconds']:.0f} s**" in doc
-    rows = {
-        "round 2 (s)": ("later_rounds_mean_s", "{:.1f}"),
-        "per client call, round 2 (s): 10 optimizer steps": ("steps", "{:.1f}"),
-        "training tokens/s": ("train_tokens_per_s", "{:,.0f}"),
-        "peak VRAM per client, `torch.cuda.max_memory_allocated` (MB)": ("peak_vram_mb_per_client", "{:,.0f}"),
-    }
+
+    h100 = committed_report("gpu_check_h100.json", "NVIDIA H100 80GB HBM3")
+    section = doc_section(doc, "Measured on one NVIDIA H100")
+    assert f"It took **{h100['total_seconds']:.0f} s** in all" in section
+    assert h100["variants"]["cache-off/bfloat16"]["status"] == "skipped"  # the doc says so
+    summaries = [h100["variants"][name]["summary"] for name in ("cache-on/float32", "cache-on/bfloat16")]
+    assert_rows(section, summaries)
+    assert all(s["per_call_s"]["model"] == 0.0 for s in summaries)  # the cache at work
+    loads = " | ".join(f"{s['seconds_per_base_model_load']:.2f}" for s in summaries)
+    assert f"| first call in a worker (s): base model load, 4-bit quantization, set adapter | {loads} |" in section
+    fast, protocol = (h100["evaluation"]["modes"][mode] for mode in ("fast", "protocol"))
+    assert f"fast mode {fast['examples']} examples in {fast['seconds']:.1f} s, {fast['examples_per_s']:.1f}" in section
+    assert f"protocol mode {protocol['examples_per_s']:.2f} examples/s ({protocol['examples']} examples" in section
+
+    full = committed_report("gpu_check_h200.json", "NVIDIA H200")
+    cache_off = committed_report("gpu_check_h200_cache_off.json", "NVIDIA H200")
+    section = doc_section(doc, "Measured on one NVIDIA H200")
+    assert f"took **{full['total_seconds']:.0f} s**" in section
     summaries = [full["variants"]["cache-on/float32"]["summary"], full["variants"]["cache-on/bfloat16"]["summary"],
                  cache_off["variants"]["cache-off/bfloat16"]["summary"]]
-    for label, (key, form) in rows.items():
-        values = [s["per_call_s"].get(key, s.get(key)) for s in summaries]
-        assert f"| {label} | " + " | ".join(form.format(v) for v in values) + " |" in doc, label
-    assert summaries[0]["per_call_s"]["model"] == summaries[1]["per_call_s"]["model"] == 0.0  # the cache at work
+    assert_rows(section, summaries)
+    assert summaries[0]["per_call_s"]["model"] == summaries[1]["per_call_s"]["model"] == 0.0
     assert ("| per client call, round 2 (s): model load + set adapter | 0.000 | 0.000 | "
-            f"{summaries[2]['per_call_s']['model']:.2f} |") in doc
+            f"{summaries[2]['per_call_s']['model']:.2f} |") in section
     fast = [r["evaluation"]["modes"]["fast"] for r in (full, cache_off)]
-    assert " | ".join(f"{m['seconds']:.1f} s, {m['examples_per_s']:.1f} examples/s" for m in fast) in doc
+    assert " | ".join(f"{m['seconds']:.1f} s, {m['examples_per_s']:.1f} examples/s" for m in fast) in section
