@@ -13,6 +13,7 @@ short still leaves the figures it got):
         cache-on/float32    the default run config
         cache-on/bfloat16   model.compute-dtype = "bfloat16"   (precision: compare with the first)
         cache-off/bfloat16  train.cache-base-model = false     (model cache: compare with the second)
+     (--quick on the 7B model starts with cache-on/bfloat16, the fastest, so that one run fits its slot.)
      From the run's metrics.jsonl: seconds per round; per client call the time in model
      build/load, data, trainer set-up, training (of which optimizer steps) and serialisation;
      base-model loads; training tokens per second; peak VRAM per client (the round record's
@@ -22,8 +23,9 @@ short still leaves the figures it got):
      the model does not stop early: protocol mode generates until prompt + answer reach 512
      tokens, its worst case (a trained model answers in a few tokens).
 
-With the 7B model a time budget (470 s; --quick 170 s; --budget-s) keeps the command inside
-its slot: a variant or evaluation batch predicted not to fit is skipped and reported as such.
+With the 7B model a time budget (470 s; --quick 175 s; --budget-s) keeps the command inside
+its slot: a variant or evaluation batch predicted not to fit is skipped, and a run still going
+when its share of the budget ends is stopped ("cut off"); the report says which and why.
 `--model tiny` runs the same steps with the smoke run's tiny Mistral on a CPU (--quick: 1 step
 per call, 32 evaluation examples whose prompts are lengthened to ~490 tokens so that protocol
 mode stays short); figures that need a GPU are reported as null with the reason.
@@ -104,13 +106,18 @@ class Plan:
     eval_prompt_tokens: int | None  # None: natural prompts; else texts repeated to about this many tokens
     budget_s: float | None
     eval_reserve_s: float
+    variants: tuple[str, ...] = DEFAULT_VARIANTS  # the default --variants, in this order
 
 
 # On the CPU (tiny model) the evaluation prompts are lengthened to ~490 tokens, as the
 # evaluation tests do, so that protocol mode's 512-token budget leaves a few answer tokens.
 PLANS = {
     ("mistral-7b", "full"): Plan(2, 10, 256, None, budget_s=470, eval_reserve_s=110),
-    ("mistral-7b", "quick"): Plan(2, 3, 64, None, budget_s=170, eval_reserve_s=50),
+    # On an H100 a first float32 run of 3 steps needs about 116 s from `flwr run` to finished, bfloat16 about 94 s;
+    # the model build takes about 30 s and the evaluation (4-bit load, 2 fast batches, 1 protocol batch) about 35 s:
+    # so the quick look starts with bfloat16, the one run that fits in 3 minutes (docs/performance.md).
+    ("mistral-7b", "quick"): Plan(2, 3, 64, None, budget_s=175, eval_reserve_s=40,
+                                  variants=("cache-on/bfloat16", "cache-on/float32", "cache-off/bfloat16")),
     ("tiny", "full"): Plan(2, 10, 256, 490, budget_s=None, eval_reserve_s=0),
     ("tiny", "quick"): Plan(2, 1, 32, 490, budget_s=None, eval_reserve_s=0),
 }
@@ -496,6 +503,16 @@ def run_log_tail(run_id: int, env: dict[str, str], chars: int = 4000) -> str | N
     return (shown.stdout + shown.stderr)[-chars:] or None
 
 
+def unfinished_outcome(error: Exception, elapsed_s: float, timeout_s: float) -> tuple[str, str]:
+    """(status, reason) of a run that did not finish successfully: "cut off" when it was still going as its
+    time slot ended (the budget's share for it, or --run-timeout), else "failed" with the error."""
+    status = getattr(error, "status", None)  # launch.RunFailed: the run's last status
+    if status in ("pending", "starting", "running") and elapsed_s >= timeout_s:
+        return "cut off", (f"time budget: still running when its {timeout_s:.0f} s slot ended "
+                           "(--budget-s, or --run-timeout); stopped")
+    return "failed", f"{type(error).__name__}: {error}"
+
+
 def run_variant(
     args: argparse.Namespace, plan: Plan, variant: str, env: dict[str, str], work: Path,
     estimate: dict[str, Any], sampler: GpuSampler, timeout: float, cuda: bool,
@@ -516,7 +533,8 @@ def run_variant(
                                   timeout=timeout, stream=args.stream, client_resources=resources)
         result.update(run_id=finished.run_id, run_wall_s=round(finished.wall_time_s, 1))
     except (launch.RunFailed, OSError, subprocess.SubprocessError) as error:
-        result.update(status="failed", reason=f"{type(error).__name__}: {error}")
+        status, reason = unfinished_outcome(error, time.monotonic() - started, timeout)
+        result.update(status=status, reason=reason)
         run_id = re.search(r"run (\d+) ended", str(error))
         if run_id:
             result.update(run_id=int(run_id.group(1)), log_tail=run_log_tail(int(run_id.group(1)), env))
@@ -555,9 +573,9 @@ def run_variants(args, plan: Plan, clock: Clock, estimate, sampler: GpuSampler, 
                       flush=True)
                 variants[variant] = run_variant(args, plan, variant, env, Path(work), estimate, sampler,
                                                 min(timeout, args.run_timeout), cuda)
-                if variants[variant]["status"] == "failed":
+                if variants[variant]["status"] != "ok":
                     print((variants[variant].get("log_tail") or "")[-1500:], flush=True)
-                    # a run cut off by its timeout may still hold the GPU: stop everything it started
+                    # a run cut off by its slot may still hold the GPU: stop everything it started
                     kill_processes_with_env("FLWR_HOME", env["FLWR_HOME"])
             print(f"--- {variant}: {variants[variant]['status']} {variants[variant].get('reason', '')}", flush=True)
             write_report(args.output, report)
@@ -742,8 +760,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{quick.budget_s:.0f} s budget (full: {full.max_steps} steps, {full.eval_examples} "
                              f"examples, {full.budget_s:.0f} s); tiny: {PLANS['tiny', 'quick'].max_steps} step, "
                              f"{PLANS['tiny', 'quick'].eval_examples} examples")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated, run in this order; known: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, run in this order (default {', '.join(DEFAULT_VARIANTS)}; the 7B "
+                             f"--quick: {', '.join(quick.variants)}); known: {', '.join(VARIANTS)}")
     parser.add_argument("--num-supernodes", type=int, default=launch.NUM_SUPERNODES)
     parser.add_argument("--gpus-per-client", type=float, default=1.0,
                         help="GPU share per ClientApp (default 1.0, the template's: one client at a time on the GPU)")
@@ -759,6 +778,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="JSON report (default benchmarks/results/gpu_check.json); must not exist yet")
     parser.add_argument("--stream", action="store_true", help="stream the runs' logs")
     args = parser.parse_args(argv)
+    args.mode = "quick" if args.quick else "full"
+    if args.variants is None:
+        args.variants = ",".join(PLANS[args.model, args.mode].variants)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
@@ -772,7 +794,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--budget-s {args.budget_s} is not allowed; use a number of seconds > 0")
     if args.output.exists():
         parser.error(f"--output {args.output} exists; not overwriting saved results: choose another path")
-    args.mode = "quick" if args.quick else "full"
     if args.budget_s is None and args.model != "tiny":
         args.budget_s = PLANS[args.model, args.mode].budget_s
     args.model_dir = (args.model_dir or RESULTS / "models" / MODEL_NAMES[args.model]).resolve()

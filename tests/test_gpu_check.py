@@ -97,6 +97,30 @@ def test_prediction_adds_a_model_load_per_call_without_the_cache():
     assert gpu_check.predicted_seconds("cache-off/float32", done, plan) == 100.0 + 3 * 20.0
 
 
+def test_a_run_still_going_when_its_slot_ends_is_cut_off_not_failed():
+    running = gpu_check.launch.RunFailed("run 7 ended with status 'running'; see ...", "running")
+    status, reason = gpu_check.unfinished_outcome(running, elapsed_s=90.4, timeout_s=90.0)
+    assert status == "cut off" and "90 s slot" in reason and "budget" in reason
+    crashed = gpu_check.launch.RunFailed("run 7 ended with status 'finished:failed'", "finished:failed")
+    assert gpu_check.unfinished_outcome(crashed, elapsed_s=95.0, timeout_s=90.0)[0] == "failed"
+    assert gpu_check.unfinished_outcome(running, elapsed_s=30.0, timeout_s=90.0)[0] == "failed"  # not the clock
+    not_started = gpu_check.launch.RunFailed("`flwr run` did not start the run")
+    assert gpu_check.unfinished_outcome(not_started, elapsed_s=95.0, timeout_s=90.0) == (
+        "failed", "RunFailed: `flwr run` did not start the run")
+
+
+def test_the_7b_quick_look_starts_with_its_fastest_variant_and_fits_in_3_minutes(tmp_path):
+    quick = gpu_check.parse_args(["--quick", "--output", str(tmp_path / "q.json")])
+    assert quick.variants[0] == "cache-on/bfloat16" and sorted(quick.variants) == sorted(DEFAULT_VARIANTS)
+    assert quick.budget_s <= 180 and gpu_check.PLANS["mistral-7b", "quick"].eval_reserve_s < quick.budget_s
+    full = gpu_check.parse_args(["--output", str(tmp_path / "f.json")])
+    assert full.variants == DEFAULT_VARIANTS and full.budget_s <= 480  # 8 minutes on one H100
+    tiny = gpu_check.parse_args(["--model", "tiny", "--quick", "--output", str(tmp_path / "t.json")])
+    assert tiny.variants == DEFAULT_VARIANTS and tiny.budget_s is None
+    chosen = gpu_check.parse_args(["--quick", "--variants", "cache-off/float32", "--output", str(tmp_path / "c.json")])
+    assert chosen.variants == ["cache-off/float32"]
+
+
 def _round(number: int, wall: float, model: float, steps: float, loads: int, **extra) -> dict:
     times = {"model": model, "data": 0.2, "setup": 0.4, "train": steps + 0.2, "steps": steps, "serialize": 0.1}
     return {"round": number, "wall_time_s": wall, "clients_accepted": 2, "client_time_s": times,
