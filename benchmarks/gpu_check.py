@@ -113,9 +113,9 @@ class Plan:
 # evaluation tests do, so that protocol mode's 512-token budget leaves a few answer tokens.
 PLANS = {
     ("mistral-7b", "full"): Plan(2, 10, 256, None, budget_s=470, eval_reserve_s=110),
-    # On an H100 a first float32 run of 3 steps needs about 116 s from `flwr run` to finished, bfloat16 about 94 s;
-    # the model build takes about 30 s and the evaluation (4-bit load, 2 fast batches, 1 protocol batch) about 35 s:
-    # so the quick look starts with bfloat16, the one run that fits in 3 minutes (docs/performance.md).
+    # Estimated from the full command's H100 figures (docs/performance.md): a first run of 3 steps needs about 116 s
+    # from `flwr run` to finished in float32 and 94 s in bfloat16; the model build about 30 s, the evaluation (4-bit
+    # load, 2 fast batches, 1 protocol batch) about 35 s. So the quick look starts with bfloat16, the run that fits.
     ("mistral-7b", "quick"): Plan(2, 3, 64, None, budget_s=175, eval_reserve_s=40,
                                   variants=("cache-on/bfloat16", "cache-on/float32", "cache-off/bfloat16")),
     ("tiny", "full"): Plan(2, 10, 256, 490, budget_s=None, eval_reserve_s=0),
