@@ -271,10 +271,20 @@ def committed_report(name: str, gpu: str) -> dict:
     return report
 
 
+def bf16_speedup(summaries: list[dict]) -> str:
+    """How many times as fast bfloat16's optimizer steps ran as float32's (the first two summaries), as quoted."""
+    return f"{summaries[0]['per_call_s']['steps'] / summaries[1]['per_call_s']['steps']:.1f}"
+
+
+def peak_gb(summaries: list[dict]) -> str:
+    return f"{max(s['peak_vram_mb_per_client'] for s in summaries) / 1000:.1f} GB"
+
+
 def test_the_gpu_figures_in_the_performance_doc_are_the_committed_reports():
-    """docs/performance.md quotes benchmarks/results/gpu_check_h100.json and gpu_check_h200*.json; a rerun that
-    replaces a report must update the doc too."""
+    """docs/performance.md quotes benchmarks/results/gpu_check_h100.json and gpu_check_h200*.json, and the README
+    their speed-up and memory; a rerun that replaces a report must update both."""
     doc = (REPO_ROOT / "docs" / "performance.md").read_text()
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
 
     h100 = committed_report("gpu_check_h100.json", "NVIDIA H100 80GB HBM3")
     section = doc_section(doc, "Measured on one NVIDIA H100")
@@ -285,6 +295,9 @@ def test_the_gpu_figures_in_the_performance_doc_are_the_committed_reports():
     assert all(s["per_call_s"]["model"] == 0.0 for s in summaries)  # the cache at work
     loads = " | ".join(f"{s['seconds_per_base_model_load']:.2f}" for s in summaries)
     assert f"| first call in a worker (s): base model load, 4-bit quantization, set adapter | {loads} |" in section
+    assert f"ran the optimizer steps {bf16_speedup(summaries)} times as fast" in section
+    assert f"About {peak_gb(summaries)} of GPU memory per client" in section
+    h100_summaries = summaries
     fast, protocol = (h100["evaluation"]["modes"][mode] for mode in ("fast", "protocol"))
     assert f"fast mode {fast['examples']} examples in {fast['seconds']:.1f} s, {fast['examples_per_s']:.1f}" in section
     assert f"protocol mode {protocol['examples_per_s']:.2f} examples/s ({protocol['examples']} examples" in section
@@ -297,6 +310,11 @@ def test_the_gpu_figures_in_the_performance_doc_are_the_committed_reports():
                  cache_off["variants"]["cache-off/bfloat16"]["summary"]]
     assert_rows(section, summaries)
     assert summaries[0]["per_call_s"]["model"] == summaries[1]["per_call_s"]["model"] == 0.0
+    assert f"the optimizer steps ran {bf16_speedup(summaries)} times as fast" in section
+    assert f"One client needs about {peak_gb(summaries)} of GPU memory" in section
+    assert (f"trained {bf16_speedup(h100_summaries)} times as fast as the default on an H100 and "
+            f"{bf16_speedup(summaries)} times on an H200") in readme
+    assert f"peaked at {peak_gb(h100_summaries)} per client on an H100 and {peak_gb(summaries)} on an H200" in readme
     assert ("| per client call, round 2 (s): model load + set adapter | 0.000 | 0.000 | "
             f"{summaries[2]['per_call_s']['model']:.2f} |") in section
     fast = [r["evaluation"]["modes"]["fast"] for r in (full, cache_off)]
