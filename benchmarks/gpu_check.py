@@ -48,7 +48,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import string
@@ -535,9 +534,9 @@ def run_variant(
     except (launch.RunFailed, OSError, subprocess.SubprocessError) as error:
         status, reason = unfinished_outcome(error, time.monotonic() - started, timeout)
         result.update(status=status, reason=reason)
-        run_id = re.search(r"run (\d+) ended", str(error))
-        if run_id:
-            result.update(run_id=int(run_id.group(1)), log_tail=run_log_tail(int(run_id.group(1)), env))
+        run_id = getattr(error, "run_id", None)
+        if run_id is not None:
+            result.update(run_id=run_id, log_tail=run_log_tail(run_id, env))
     result["gpu_samples"] = sampler.window(started, time.monotonic())
     run_dirs = [p for p in output_dir.iterdir() if p.is_dir()] if output_dir.is_dir() else []
     records = read_metrics(run_dirs[0]) if len(run_dirs) == 1 else []

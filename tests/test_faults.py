@@ -65,8 +65,9 @@ def run_with_faults(tiny_model, flwr_env, tmp_path, faults: dict, **overrides) -
     config = smoke_config(tiny_model, results, **{
         "strategy.fraction-train": 1.0, "train.save-every-round": 1, **overrides,
     })
-    with pytest.raises(launch.RunFailed, match="finished:failed"):
+    with pytest.raises(launch.RunFailed, match="finished:failed") as failed:
         launch.run_app(app_dir, config, num_supernodes=NUM_SUPERNODES, env=flwr_env, timeout=400)
+    assert failed.value.status == "finished:failed" and f"run {failed.value.run_id} ended" in str(failed.value)
     (run_dir,) = run_dirs(results)
     return run_dir
 

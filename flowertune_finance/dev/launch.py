@@ -49,12 +49,13 @@ HOME_CONNECTION = "local"  # the only connection in a private FLWR_HOME's config
 
 
 class RunFailed(RuntimeError):
-    """`flwr run` could not start the run, or the run did not finish successfully; `status` is the
-    SuperLink's last status of a submitted run (`running` when the deadline came first), else None."""
+    """`flwr run` could not start the run, or the run did not finish successfully; for a submitted run,
+    `run_id` and `status`, the SuperLink's last status of it (`running` when the deadline came first)."""
 
-    def __init__(self, message: str, status: str | None = None) -> None:
+    def __init__(self, message: str, status: str | None = None, run_id: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.run_id = run_id
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def run_app(
     status = wait_for_run(run_id, env, deadline=started + timeout, where=where, follow=not stream)
     result = RunResult(run_id=run_id, status=status, wall_time_s=time.time() - started)
     if status != "finished:completed":
-        raise RunFailed(f"run {run_id} ended with status {status!r}; see `flwr log {run_id} --show`", status)
+        raise RunFailed(f"run {run_id} ended with status {status!r}; see `flwr log {run_id} --show`", status, run_id)
     return result
 
 
